@@ -1,0 +1,1 @@
+"""swiftlm models: Flax NNX language models sharing one decoding protocol (see DESIGN.md)."""

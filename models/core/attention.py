@@ -1,0 +1,138 @@
+"""Multi-head attention with grouped-query heads, optional per-head causal windows, and a ragged
+KV cache. The single door through which models reach the attention kernels.
+
+Grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245): `n_heads` query heads share
+`n_kv_heads` key/value heads. A window w (per query head) means query i sees keys j with
+i - w < j <= i, i.e. w keys including itself; None means full causal attention. This is the
+kernel convention of pallas_kernels/window_attention.py (an MSWA window w_h is w_h + 1 here).
+
+Training (`__call__`) picks one of three interchangeable implementations:
+  xla_dense    masked dense attention in jnp (the reference; O(T^2))
+  xla_blocked  chunked local attention that only computes in-window key blocks (O(T*w))
+  pallas       the Pallas flash kernel with per-head windows (GPU/TPU; interpret mode on CPU)
+Decoding (`extend`) attends S new queries over the cache with dense masking; it is memory bound
+and the mask is what makes ragged rows correct.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.core.kv_cache import LayerKV
+from models.core.params import param
+from models.core.rope import apply_rope
+
+ATTENTION_IMPLS = ("xla_dense", "xla_blocked", "pallas")
+_NEG_INF = -1e30  # finite, so a fully masked row yields a harmless uniform average, not NaN
+
+
+def check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; valid: {ATTENTION_IMPLS}")
+    return impl
+
+
+def window_mask(q_pos: jax.Array, k_pos: jax.Array, windows: Sequence[int | None]) -> jax.Array:
+    """Causal (and windowed) visibility [B, H, S, K] from query and key positions [B, S], [B, K]."""
+    delta = q_pos[:, None, :, None] - k_pos[:, None, None, :]  # [B, 1, S, K]
+    causal = delta >= 0
+    big = jnp.iinfo(jnp.int32).max
+    w = jnp.asarray([big if x is None else x for x in windows], jnp.int32)[None, :, None, None]
+    return causal & (delta < w)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     *, scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + mask) v with grouped heads, softmax in f32.
+
+    q [B, S, Hq, D]; k, v [B, K, Hkv, D]; mask bool, broadcastable to [B, Hq, S, K].
+    """
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, s, hkv, groups, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = jnp.broadcast_to(mask, (b, hq, s, k.shape[1])).reshape(b, hkv, groups, s, -1)
+    logits = jnp.where(mask, logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, hq, d).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with RoPE and optional per-query-head windows."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+                 windows: Sequence[int | None] | None = None, rope_theta: float = 10000.0,
+                 impl: str = "xla_dense", out_stddev: float = 0.02, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+        windows = tuple(windows) if windows is not None else (None,) * n_heads
+        if len(windows) != n_heads:
+            raise ValueError(f"got {len(windows)} windows {windows} for n_heads={n_heads}")
+        for w in windows:
+            if w is not None and w < 1:
+                raise ValueError(f"attention window {w} is below 1 (windows={windows})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.windows = windows
+        self.rope_theta = rope_theta
+        self.impl = check_impl(impl)
+        self.dtype = dtype
+        self.q_proj = param(rngs, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"))
+        self.k_proj = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(rngs, (n_heads, head_dim, d_model), ("heads", "head_dim", "embed"),
+                            stddev=out_stddev)
+
+    def _project(self, x: jax.Array, positions: jax.Array):
+        x = x.astype(self.dtype)
+        q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(self.dtype))
+        k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(self.dtype))
+        v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(self.dtype))
+        return (apply_rope(q, positions, theta=self.rope_theta),
+                apply_rope(k, positions, theta=self.rope_theta), v)
+
+    def _output(self, attn: jax.Array) -> jax.Array:
+        return jnp.einsum("bshk,hkd->bsd", attn, self.o_proj[...].astype(self.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Full-sequence causal attention over x [B, T, d] (training and scoring)."""
+        q, k, v = self._project(x, positions)
+        if self.impl == "xla_dense":
+            idx = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            mask = window_mask(idx, idx, self.windows)
+            if segment_ids is not None:
+                mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            out = masked_attention(q, k, v, mask)
+        else:
+            # Imported here so models that never use the kernels do not pay for Pallas imports.
+            from pallas_kernels import blocked_attention, window_attention
+            t = x.shape[1]
+            windows = tuple(t if w is None else min(w, t) for w in self.windows)
+            if self.impl == "xla_blocked":
+                out = blocked_attention.blocked_window_attention(
+                    q, k, v, windows, segment_ids=segment_ids)
+            else:
+                out = window_attention.window_attention(
+                    q, k, v, windows, segment_ids=segment_ids, impl="pallas",
+                    interpret=jax.default_backend() == "cpu")
+        return self._output(out)
+
+    def extend(self, x: jax.Array, kv: LayerKV, lengths: jax.Array) -> tuple[jax.Array, LayerKV]:
+        """Appends S tokens x [B, S, d] to each row at its own offset lengths[b]; attends to the
+        row's cached history plus the new tokens."""
+        s = x.shape[1]
+        positions = lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        q, k, v = self._project(x, positions)
+        kv = kv.write(k, v, positions)
+        key_pos = jnp.broadcast_to(jnp.arange(kv.max_length, dtype=jnp.int32),
+                                   (x.shape[0], kv.max_length))
+        # key_pos <= query position excludes both future keys and stale entries past the row's
+        # length (which can only sit at positions >= lengths[b]).
+        mask = window_mask(positions, key_pos, self.windows)
+        out = masked_attention(q, kv.k.astype(self.dtype), kv.v.astype(self.dtype), mask)
+        return self._output(out), kv
