@@ -1,0 +1,1 @@
+"""swiftlm training: tokenizers, datasets and the grain input pipeline, trainer, checkpoints."""

@@ -1,0 +1,354 @@
+"""Text datasets by name, and the grain pipeline that turns them into packed LM batches.
+
+Datasets are tfds datasets in ArrayRecord format, read through `builder.as_data_source` and
+grain, so TensorFlow is never imported. "python_stdlib" (train/corpus.py) is built on first
+use; any other tfds text dataset works by name once prepared in the data dir, e.g.
+`tfds build lm1b --file_format=array_record --data_dir=data`.
+
+A training batch is a dict of int32 numpy arrays, all [batch_size, seq_len]:
+
+    inputs       token ids fed to the model (pad_id on padding)
+    targets      the next token of the same document (never one from another document)
+    segment_ids  1, 2, 3, ... per document piece within a row, 0 on padding
+    positions    position within its document piece, restarting at 0 at each piece
+    loss_mask    1 where a target should be scored, 0 on padding
+
+Each document becomes BOS + tokens + EOS, and the (input, target) pairs are formed *before*
+packing: inputs = doc[:-1], targets = doc[1:]. Packing (grain's ConcatThenSplit) then fills rows
+back to back; a document longer than what is left of a row continues in the next row as a new
+segment with positions from 0 (it cannot attend to its earlier part there anyway). So no
+target ever crosses a document boundary, no token is dropped, and loss_mask is 0 only on
+padding (the last token of a document, EOS, only ever appears as a target).
+
+Resuming. The iterator is a grain `DatasetIterator`; its state is a small JSON-able dict.
+The trainer checkpoints it next to the model with orbax, using grain's handler:
+
+    import grain, orbax.checkpoint as ocp
+    it = make_iterator(config)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state), data=grain.checkpoint.CheckpointSave(it)))
+    ...
+    it = make_iterator(config)   # same config
+    manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(it)))   # sets `it`'s state in place
+
+(or `iterator_state_to_bytes` / `restore_iterator_state` anywhere bytes can be stored). A
+restored iterator yields exactly the batches the uninterrupted one would have yielded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import gin
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from train import corpus
+from train.tokenizer import TOKENIZER_NAMES, Tokenizer, encode_document, make_tokenizer
+
+Batch = dict[str, np.ndarray]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+default_data_dir = corpus.default_data_dir
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Everything that decides which batches a run sees (so the same config resumes exactly).
+
+    num_epochs=None repeats forever. Shuffling permutes documents each epoch (seed-derived,
+    different per epoch) and then, since one long file fills many consecutive rows, shuffles
+    packed rows within windows of `shuffle_buffer_size` rows (0 turns that off). Keep windows
+    large: grain's index_shuffle costs ~65 ms per window (or per epoch of documents) whatever
+    its size, i.e. ~30 us/row at 2048 rows but ~1 ms/row at 64.
+    """
+
+    dataset: str = corpus.DATASET_NAME
+    feature: str = "text"
+    split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = "byte"
+    tokenizer_path: str | None = None
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    num_epochs: int | None = None
+    shuffle: bool = True
+    shuffle_buffer_size: int = 2048
+    data_dir: str | None = None
+    read_threads: int = 2
+    prefetch_batches: int = 2
+
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZER_NAMES:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}; valid names: "
+                             f"{list(TOKENIZER_NAMES)}")
+        if self.tokenizer == "sentencepiece" and not self.tokenizer_path:
+            raise ValueError("DataConfig.tokenizer='sentencepiece' needs tokenizer_path "
+                             "(a .model file from `python -m train.tokenizer`)")
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"DataConfig.num_epochs must be None (forever) or >= 1, "
+                             f"got {self.num_epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"DataConfig.seed must be in [0, 2**32), got {self.seed}")
+
+
+def load_tokenizer(config: DataConfig) -> Tokenizer:
+    """The tokenizer `config` names (the trainer takes vocab_size and special ids from it)."""
+    if config.tokenizer == "sentencepiece":
+        return make_tokenizer("sentencepiece", model_path=config.tokenizer_path)
+    return make_tokenizer(config.tokenizer)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _prepared_dataset_names(data_dir: str) -> list[str]:
+    # A prepared tfds dataset is NAME/[CONFIG/]VERSION/dataset_info.json under the data dir.
+    root = pathlib.Path(data_dir)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir()
+                  if d.is_dir() and (any(d.glob("*/dataset_info.json"))
+                                     or any(d.glob("*/*/dataset_info.json"))))
+
+
+def known_dataset_names(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """python_stdlib, the datasets prepared in `data_dir`, and tfds' catalog."""
+    data_dir = str(data_dir or default_data_dir())
+    names = set(tfds.list_builders(with_community_datasets=False))
+    names.update(_prepared_dataset_names(data_dir), [corpus.DATASET_NAME])
+    return sorted(names)
+
+
+def _unknown_dataset_error(name: str, data_dir: str) -> ValueError:
+    names = known_dataset_names(data_dir)
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    return ValueError(
+        f"unknown dataset {name!r}.{hint} Built in: [{corpus.DATASET_NAME!r}]; prepared in "
+        f"{data_dir!r}: {_prepared_dataset_names(data_dir)}; valid names: {names}")
+
+
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    if name == corpus.DATASET_NAME:
+        return corpus.build_stdlib_dataset(data_dir)
+    try:
+        # For a dataset prepared in data_dir but unknown to this tfds install, tfds falls back
+        # to reading its dataset_info.json, so no builder code is needed.
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _unknown_dataset_error(name, data_dir) from None
+    if not builder.is_prepared():
+        raise ValueError(
+            f"dataset {name!r} is not prepared in {data_dir!r}; prepare it with "
+            f"`tfds build {name} --file_format=array_record --data_dir={data_dir}`")
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise ValueError(
+            f"dataset {name!r} in {data_dir!r} is stored as {builder.info.file_format.value}; "
+            "grain needs random access, so rebuild it with --file_format=array_record")
+    return builder
+
+
+def load_text_source(name: str, split: str, feature: str = "text",
+                     data_dir: str | os.PathLike | None = None) -> grain.MapDataset:
+    """Random-access documents (UTF-8 bytes) of one text feature of a tfds dataset split.
+
+    `split` may use tfds slicing ("train[:10%]"). Unknown dataset names, splits and features
+    raise ValueError naming the bad value and the valid ones.
+    """
+    data_dir = str(data_dir or default_data_dir())
+    builder = _builder(name, data_dir)
+    features = builder.info.features
+    if feature not in features:
+        raise ValueError(f"dataset {name!r} has no feature {feature!r}; its features: "
+                         f"{sorted(features.keys())}")
+    if not isinstance(features[feature], tfds.features.Text):
+        raise ValueError(f"feature {feature!r} of dataset {name!r} is "
+                         f"{type(features[feature]).__name__}, not Text")
+    split_name = split.split("[")[0]
+    if split_name not in builder.info.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; its splits: "
+                         f"{sorted(builder.info.splits.keys())}")
+    source = builder.as_data_source(split=split)
+    if len(source) == 0:
+        raise ValueError(f"split {split!r} of dataset {name!r} has no examples")
+    return grain.MapDataset.source(source).map(_Feature(feature))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Feature:
+    """Picks one feature from a record (a class, not a lambda, so pipelines can pickle)."""
+    key: str
+
+    def __call__(self, record: dict[str, Any]) -> bytes | str:
+        return record[self.key]
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToPairs:
+    """Document -> {"inputs": doc[:-1], "targets": doc[1:]} with doc = BOS + tokens + EOS."""
+    tokenizer: Tokenizer
+
+    def __call__(self, text: bytes | str) -> dict[str, np.ndarray]:
+        ids = encode_document(self.tokenizer, text)
+        return {"inputs": ids[:-1], "targets": ids[1:]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Finalize:
+    """Renames grain's packing outputs to the batch contract and pads with pad_id."""
+    pad_id: int
+
+    def __call__(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        segment_ids = packed["inputs_segment_ids"].astype(np.int32)
+        real = segment_ids > 0
+        return {
+            "inputs": np.where(real, packed["inputs"], self.pad_id).astype(np.int32),
+            "targets": np.where(real, packed["targets"], self.pad_id).astype(np.int32),
+            "segment_ids": segment_ids,
+            "positions": np.where(real, packed["inputs_positions"], 0).astype(np.int32),
+            "loss_mask": real.astype(np.int32),
+        }
+
+
+def _packed_rows(config: DataConfig, tokenizer: Tokenizer, split: str, shuffle: bool,
+                 num_epochs: int | None) -> grain.IterDataset:
+    docs = load_text_source(config.dataset, split, config.feature, config.data_dir)
+    if shuffle:
+        # Shuffling before repeat gives every epoch its own permutation.
+        docs = docs.shuffle(seed=config.seed)
+    docs = docs.repeat(num_epochs).map(_ToPairs(tokenizer))
+    read = grain.ReadOptions(num_threads=config.read_threads,
+                             prefetch_buffer_size=max(4 * config.read_threads, 1))
+    length = {"inputs": config.seq_len, "targets": config.seq_len}
+    rows = grain.experimental.ConcatThenSplitIterDataset(
+        docs.to_iter_dataset(read), length_struct=length)
+    return rows.map(_Finalize(tokenizer.pad_id))
+
+
+def _restore_tuples(state: Any) -> Any:
+    """Undoes what a JSON round trip does to grain 0.2.18's ConcatThenSplit state.
+
+    The packer marks "no remainder" with the tuple (-1, -1) and tests `slice != (-1, -1)`; every
+    checkpoint route (grain's orbax handler included) stores state as JSON, which brings the
+    tuple back as a list, and the restored packer then emits a bogus remainder first.
+    """
+    if not isinstance(state, dict):
+        return state
+    return {key: ({f: tuple(s) for f, s in value.items()} if key == "remainder_slices"
+                  else _restore_tuples(value))
+            for key, value in state.items()}
+
+
+class _JsonRestorableIterDataset(grain.IterDataset):
+    """Outermost pipeline stage: passes elements through, repairs states given to set_state."""
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _JsonRestorableIterator(self._parent.__iter__())
+
+
+class _JsonRestorableIterator(grain.DatasetIterator):
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __next__(self) -> Batch:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(_restore_tuples(state))
+
+
+def make_dataset(config: DataConfig, tokenizer: Tokenizer | None = None) -> grain.IterDataset:
+    """Training batches of `config.split` (see the module docstring for their contents).
+
+    Batches are always full: with finite num_epochs the last partial batch is dropped.
+    """
+    tokenizer = tokenizer or load_tokenizer(config)
+    rows = _packed_rows(config, tokenizer, config.split, config.shuffle, config.num_epochs)
+    if config.shuffle and config.shuffle_buffer_size > 1:
+        rows = grain.experimental.WindowShuffleIterDataset(
+            rows, window_size=config.shuffle_buffer_size, seed=(config.seed + 1) % 2**32)
+    batches = rows.batch(config.batch_size, drop_remainder=True)
+    if config.prefetch_batches > 0:
+        # Keeps the next batches ready while the device runs a step; checkpointable.
+        batches = grain.experimental.ThreadPrefetchIterDataset(
+            batches, prefetch_buffer_size=config.prefetch_batches)
+    return _JsonRestorableIterDataset(batches)
+
+
+def make_iterator(config: DataConfig, tokenizer: Tokenizer | None = None
+                  ) -> grain.DatasetIterator:
+    """A fresh iterator over `make_dataset(config)`; has get_state()/set_state()."""
+    return iter(make_dataset(config, tokenizer))
+
+
+def _pad_batch(batch: Batch, batch_size: int, pad_id: int) -> Batch:
+    # Fixed shapes keep a jitted eval step from recompiling on the last, short batch.
+    missing = batch_size - batch["inputs"].shape[0]
+    if missing == 0:
+        return batch
+    fill = {"inputs": pad_id, "targets": pad_id}
+    return {k: np.concatenate([v, np.full((missing, v.shape[1]), fill.get(k, 0), v.dtype)])
+            for k, v in batch.items()}
+
+
+def eval_batches(config: DataConfig, tokenizer: Tokenizer | None = None,
+                 max_batches: int | None = None) -> Iterator[Batch]:
+    """Deterministic, finite batches of `config.eval_split`: one epoch, file order, no shuffle.
+
+    Every document is scored exactly once; the last batch is padded with fully masked rows
+    so all batches have shape [batch_size, seq_len].
+    """
+    tokenizer = tokenizer or load_tokenizer(config)
+    rows = _packed_rows(config, tokenizer, config.eval_split, shuffle=False, num_epochs=1)
+    for i, batch in enumerate(rows.batch(config.batch_size, drop_remainder=False)):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield _pad_batch(batch, config.batch_size, tokenizer.pad_id)
+
+
+# ----------------------------------------------------------------------------- metrics, state
+
+
+def target_byte_count(batch: Batch, byte_lengths: np.ndarray) -> int:
+    """UTF-8 bytes the scored targets of `batch` stand for.
+
+    `byte_lengths` is `tokenizer.token_byte_lengths()` (1 per byte token for the byte
+    tokenizer, the decoded piece length for SentencePiece, 0 for specials).
+    bits/byte = sum of target NLL in nats / (ln 2 * target_byte_count); EOS targets count in
+    the loss but carry no bytes, the usual convention.
+    """
+    return int((byte_lengths[batch["targets"]] * batch["loss_mask"]).sum())
+
+
+def bits_per_byte(total_nll_nats: float, total_bytes: int) -> float:
+    """Bits per UTF-8 byte from a summed negative log-likelihood in nats."""
+    return total_nll_nats / (math.log(2) * max(total_bytes, 1))
+
+
+def iterator_state_to_bytes(iterator: grain.DatasetIterator) -> bytes:
+    """The iterator's position as JSON bytes (what grain's orbax handler stores, too)."""
+    return json.dumps(iterator.get_state()).encode("utf-8")
+
+
+def restore_iterator_state(iterator: grain.DatasetIterator, state: bytes) -> None:
+    """Moves a fresh iterator of the same config to a position from iterator_state_to_bytes."""
+    iterator.set_state(json.loads(state.decode("utf-8")))
