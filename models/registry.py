@@ -1,10 +1,9 @@
 """Model names -> (config class, constructor), the one place configs and checkpoints look up
-architectures. `make_model` is gin-configurable: `make_model.name = "transformer"` and the
-config class's own bindings (`TransformerConfig.d_model = 256`) pick the model.
+architectures. A gin config names the model (`experiment.model = "transformer"`) and binds its
+config class (`TransformerConfig.d_model = 256`); the registry turns the name into both.
 """
-from typing import Any, Callable
+from typing import Callable
 
-import gin
 from flax import nnx
 
 _MODELS: dict[str, tuple[type, Callable[..., nnx.Module]]] = {}
@@ -37,13 +36,6 @@ def lookup(name: str) -> tuple[type, Callable[..., nnx.Module]]:
     return _MODELS[name]
 
 
-@gin.configurable
-def make_config(name: str = gin.REQUIRED, **overrides: Any):
-    """The config of model `name`, built from gin bindings of its config class plus overrides."""
-    config_cls, _ = lookup(name)
-    return config_cls(**overrides)
-
-
 def build(name: str, config=None, *, seed: int = 0) -> nnx.Module:
     """Constructs model `name` with `config` (default: its gin-configured config)."""
     config_cls, ctor = lookup(name)
@@ -58,8 +50,3 @@ def construct(ctor: Callable[..., nnx.Module], config, *, seed: int = 0) -> nnx.
     """ctor(config, rngs=...) run under jit: one compilation for the whole initialisation
     instead of one per parameter shape in eager mode (seconds saved at every model build)."""
     return nnx.jit(lambda: ctor(config, rngs=nnx.Rngs(seed)))()
-
-
-@gin.configurable
-def make_model(name: str = gin.REQUIRED, seed: int = 0) -> nnx.Module:
-    return build(name, seed=seed)

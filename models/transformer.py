@@ -145,9 +145,12 @@ class Transformer(nnx.Module):
                           c.compute_dtype) for _ in range(c.n_layers))
         return KVCache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
 
-    def extend(self, tokens: jax.Array, cache: KVCache, *,
-               exit_layer: int | None = None) -> tuple[jax.Array, KVCache]:
+    def extend(self, tokens: jax.Array, cache: KVCache, *, exit_layer: int | None = None,
+               num_tokens: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Appends tokens [B, S] at each row's own length; returns logits [B, S, V].
+
+        num_tokens: int32[B], how many of the S tokens are real per row (a ragged, right-padded
+        prefill); each row's length grows by its own count. Default: all S.
 
         exit_layer: run only the first `exit_layer` blocks (early-exit drafting). Only those
         layers' caches are written; the deeper layers' entries are filled when the full model
@@ -160,7 +163,9 @@ class Transformer(nnx.Module):
         layers = list(cache.layers)
         for i in range(n):
             x, layers[i] = self.blocks[i].extend(x, layers[i], cache.lengths)
-        new_cache = KVCache(layers=tuple(layers), lengths=cache.lengths + tokens.shape[1])
+        # Padding written past a row's new length is masked by position and overwritten later.
+        added = tokens.shape[1] if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
+        new_cache = KVCache(layers=tuple(layers), lengths=cache.lengths + added)
         return self.logits(x), new_cache
 
     def rewind(self, cache: KVCache, lengths: jax.Array) -> KVCache:

@@ -6,3 +6,4 @@ from models import registry
 from models.transformer import Transformer, TransformerConfig
 
 registry.register("transformer", TransformerConfig)(Transformer)
+import models.mswa  # noqa: E402,F401  (registers "mswa" and its gin configurable MSWAConfig)

@@ -87,7 +87,8 @@ class Attention(nnx.Module):
         self.o_proj = param(rngs, (n_heads, head_dim, d_model), ("heads", "head_dim", "embed"),
                             stddev=out_stddev)
 
-    def _project(self, x: jax.Array, positions: jax.Array):
+    def project(self, x: jax.Array, positions: jax.Array):
+        """q, k, v [B, S, heads, head_dim] for x [B, S, d], rotated to `positions` [B, S]."""
         x = x.astype(self.dtype)
         q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(self.dtype))
         k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(self.dtype))
@@ -95,13 +96,14 @@ class Attention(nnx.Module):
         return (apply_rope(q, positions, theta=self.rope_theta),
                 apply_rope(k, positions, theta=self.rope_theta), v)
 
-    def _output(self, attn: jax.Array) -> jax.Array:
+    def output(self, attn: jax.Array) -> jax.Array:
+        """Merges heads [B, S, H, D] back to the model width."""
         return jnp.einsum("bshk,hkd->bsd", attn, self.o_proj[...].astype(self.dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """Full-sequence causal attention over x [B, T, d] (training and scoring)."""
-        q, k, v = self._project(x, positions)
+        q, k, v = self.project(x, positions)
         if self.impl == "xla_dense":
             idx = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
             mask = window_mask(idx, idx, self.windows)
@@ -110,24 +112,24 @@ class Attention(nnx.Module):
             out = masked_attention(q, k, v, mask)
         else:
             # Imported here so models that never use the kernels do not pay for Pallas imports.
-            from pallas_kernels import blocked_attention, window_attention
+            from pallas_kernels.blocked_attention import blocked_window_attention
+            from pallas_kernels.window_attention import window_attention
             t = x.shape[1]
             windows = tuple(t if w is None else min(w, t) for w in self.windows)
             if self.impl == "xla_blocked":
-                out = blocked_attention.blocked_window_attention(
-                    q, k, v, windows, segment_ids=segment_ids)
+                out = blocked_window_attention(q, k, v, windows, segment_ids=segment_ids)
             else:
-                out = window_attention.window_attention(
+                out = window_attention(
                     q, k, v, windows, segment_ids=segment_ids, impl="pallas",
                     interpret=jax.default_backend() == "cpu")
-        return self._output(out)
+        return self.output(out)
 
     def extend(self, x: jax.Array, kv: LayerKV, lengths: jax.Array) -> tuple[jax.Array, LayerKV]:
         """Appends S tokens x [B, S, d] to each row at its own offset lengths[b]; attends to the
         row's cached history plus the new tokens."""
         s = x.shape[1]
         positions = lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-        q, k, v = self._project(x, positions)
+        q, k, v = self.project(x, positions)
         kv = kv.write(k, v, positions)
         key_pos = jnp.broadcast_to(jnp.arange(kv.max_length, dtype=jnp.int32),
                                    (x.shape[0], kv.max_length))
@@ -135,4 +137,4 @@ class Attention(nnx.Module):
         # length (which can only sit at positions >= lengths[b]).
         mask = window_mask(positions, key_pos, self.windows)
         out = masked_attention(q, kv.k.astype(self.dtype), kv.v.astype(self.dtype), mask)
-        return self._output(out), kv
+        return self.output(out), kv

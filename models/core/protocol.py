@@ -2,9 +2,12 @@
 
     __call__(tokens[B, T], *, segment_ids=None, positions=None) -> ModelOutput
     init_cache(batch_size, max_length) -> cache        # a pytree of fixed-shape arrays
-    extend(tokens[B, S], cache) -> (logits[B, S, V], cache)
+    extend(tokens[B, S], cache, *, num_tokens=None) -> (logits[B, S, V], cache)
+                                                       # num_tokens[B]: real tokens per row
     rewind(cache, lengths[B]) -> cache                 # drop entries at and past lengths[b]
 
+`num_tokens` is how a ragged batch is prefilled in one call: row b keeps only its first
+num_tokens[b] tokens (models with ring buffers must not let the padding overwrite history).
 Every cache exposes `lengths: int32[B]`, the number of tokens each row holds, so the decoding
 loop can read positions without knowing the cache's layout.
 """
@@ -34,6 +37,7 @@ class CausalLM(Protocol):
 
     def init_cache(self, batch_size: int, max_length: int) -> Any: ...
 
-    def extend(self, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]: ...
+    def extend(self, tokens: jax.Array, cache: Any, *,
+               num_tokens: jax.Array | None = None) -> tuple[jax.Array, Any]: ...
 
     def rewind(self, cache: Any, lengths: jax.Array) -> Any: ...

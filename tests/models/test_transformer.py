@@ -135,3 +135,15 @@ def test_registry_errors_name_the_bad_value():
         TransformerConfig(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="'flash9'"):
         TransformerConfig(attention_impl="flash9")
+
+
+def test_num_tokens_prefills_a_ragged_batch_in_one_call():
+    model = _model()
+    seq0, seq1 = _tokens(1, 7, seed=8), _tokens(1, 5, seed=9)
+    padded = jnp.concatenate([seq0[:, :5], seq1[:, :3]], axis=0).at[1, 3:].set(0)
+    ext = nnx.jit(lambda m, t, c, n: m.extend(t, c, num_tokens=n))
+    _, cache = ext(model, padded, model.init_cache(2, 16), jnp.array([5, 3]))
+    np.testing.assert_array_equal(cache.lengths, [5, 3])
+    logits, _ = _extend(model, jnp.concatenate([seq0[:, 5:7], seq1[:, 3:5]], axis=0), cache)
+    _assert_close(logits[0], _forward(model, seq0)[0, 5:7])
+    _assert_close(logits[1], _forward(model, seq1)[0, 3:5])

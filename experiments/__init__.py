@@ -1,0 +1,1 @@
+"""swiftlm experiments: launch, generate and sweep entry points, configs and benchmarks."""
