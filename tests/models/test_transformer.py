@@ -140,7 +140,7 @@ def test_registry_errors_name_the_bad_value():
 def test_num_tokens_prefills_a_ragged_batch_in_one_call():
     model = _model()
     seq0, seq1 = _tokens(1, 7, seed=8), _tokens(1, 5, seed=9)
-    padded = jnp.concatenate([seq0[:, :5], seq1[:, :3]], axis=0).at[1, 3:].set(0)
+    padded = jnp.concatenate([seq0[:, :5], jnp.pad(seq1[:, :3], ((0, 0), (0, 2)))], axis=0)
     ext = nnx.jit(lambda m, t, c, n: m.extend(t, c, num_tokens=n))
     _, cache = ext(model, padded, model.init_cache(2, 16), jnp.array([5, 3]))
     np.testing.assert_array_equal(cache.lengths, [5, 3])
