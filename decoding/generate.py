@@ -1,0 +1,239 @@
+"""The public decoding entry point: `generate(model, prompts, sampler=..., ...)`.
+
+It checks the request on the host, pads the prompts into one token buffer, builds the named
+sampler (decoding/sampling.py, decoding/speculative/), runs its jitted prefill and the single
+jitted decoding loop (decoding/loop.py), and only then copies tokens and stats to the host.
+Samplers: plain greedy and sampling, and the speculative family of Leviathan et al. (arXiv
+2211.17192), Chen et al. (arXiv 2302.01318), prompt lookup decoding, FLy (arXiv 2511.22972)
+and Kangaroo-style self-speculation (arXiv 2404.18911).
+
+What recompiles and what does not. Model weights enter jit as arguments (`nnx.split`), not as
+constants. Prompts are padded to a bucket (a power of two, at least 16) and the buffer to a
+power of two that holds bucket + max_new_tokens, so another prompt length in the same bucket
+or another max_new_tokens that fits the same buffer reuses the compiled code; max_new_tokens
+and the step budget are traced. A different sampler, config, batch size or bucket compiles
+anew (sampling temperatures are static config).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from decoding import loop
+from decoding.sampling import Autoregressive, SamplingConfig
+from decoding.speculative import (DraftModelSpeculative, FlyConfig, FlySpeculative,
+                                  NgramConfig, NgramSpeculative, SelfSpecConfig,
+                                  SelfSpeculative, SpeculativeConfig)
+
+MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    needs_draft: bool
+    samples: bool
+    config_cls: type | None
+
+
+# name -> what the sampler needs. "_greedy" variants verify by exact argmax match.
+_SAMPLERS: dict[str, _Spec] = {
+    "greedy": _Spec(False, False, None),
+    "sample": _Spec(False, True, None),
+    "speculative_greedy": _Spec(True, False, SpeculativeConfig),
+    "speculative": _Spec(True, True, SpeculativeConfig),
+    "ngram_greedy": _Spec(False, False, NgramConfig),
+    "ngram": _Spec(False, True, NgramConfig),
+    "fly": _Spec(True, False, FlyConfig),
+    "self_spec_greedy": _Spec(False, False, SelfSpecConfig),
+    "self_spec": _Spec(False, True, SelfSpecConfig),
+}
+SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """tokens: the generated ids of each row (an end-of-sequence token, if hit, is the last
+    one). stats: host-side numbers (see `generate`)."""
+    tokens: list[list[int]]
+    stats: dict[str, Any]
+
+
+def sampler_spec(name: str) -> _Spec:
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {SAMPLERS}")
+    return _SAMPLERS[name]
+
+
+def make_sampler(name: str, target: nnx.GraphDef, draft: nnx.GraphDef | None = None, *,
+                 sampling: SamplingConfig | None = None, config: Any = None) -> loop.Sampler:
+    """The sampler `name` on the given graphdefs. `config` defaults to the sampler's config
+    class as gin configures it; `sampling` defaults to SamplingConfig() for sampling samplers
+    and must be None for greedy ones."""
+    spec = sampler_spec(name)
+    if spec.samples:
+        sampling = sampling if sampling is not None else SamplingConfig()
+    elif sampling is not None:
+        raise ValueError(f"sampler {name!r} is greedy and takes no sampling config (got "
+                         f"{sampling}); sampling samplers: "
+                         f"{tuple(n for n, s in _SAMPLERS.items() if s.samples)}")
+    if spec.needs_draft and draft is None:
+        raise ValueError(f"sampler {name!r} needs a draft model (draft_model=...)")
+    if not spec.needs_draft and draft is not None:
+        raise ValueError(f"sampler {name!r} takes no draft model; samplers with a draft: "
+                         f"{tuple(n for n, s in _SAMPLERS.items() if s.needs_draft)}")
+    if spec.config_cls is None:
+        if config is not None:
+            raise ValueError(f"sampler {name!r} takes no config, got {config!r}")
+    elif config is None:
+        config = spec.config_cls()
+    elif not isinstance(config, spec.config_cls):
+        raise ValueError(f"sampler {name!r} needs a {spec.config_cls.__name__}, "
+                         f"got {type(config).__name__}")
+    if name in ("greedy", "sample"):
+        return Autoregressive(target, sampling)
+    if name.startswith("speculative"):
+        return DraftModelSpeculative(target, draft, config, sampling)
+    if name.startswith("ngram"):
+        return NgramSpeculative(target, config, sampling)
+    if name == "fly":
+        return FlySpeculative(target, draft, config)
+    return SelfSpeculative(target, config, sampling)
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
+    return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
+
+
+def _prompt_rows(prompts, prompt_lengths, vocab_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
+        rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+    else:
+        array = np.asarray(prompts)
+        if array.ndim != 2:
+            raise ValueError(f"prompts must be a list of token lists or a [B, T] array, got "
+                             f"an array of shape {array.shape}")
+        lengths = (np.full(array.shape[0], array.shape[1]) if prompt_lengths is None
+                   else np.asarray(prompt_lengths).reshape(-1))
+        if lengths.shape[0] != array.shape[0] or np.any(lengths > array.shape[1]):
+            raise ValueError(f"prompt_lengths={lengths.tolist()} do not fit prompts of shape "
+                             f"{array.shape}")
+        rows = [array[b, :int(n)].astype(np.int64) for b, n in enumerate(lengths)]
+    if not rows:
+        raise ValueError("prompts is empty; give at least one prompt")
+    for b, row in enumerate(rows):
+        if row.size == 0:
+            raise ValueError(f"prompt {b} is empty; every prompt needs at least one token "
+                             "(e.g. the tokenizer's BOS id)")
+        bad = row[(row < 0) | (row >= vocab_size)]
+        if bad.size:
+            raise ValueError(f"prompt {b} holds token id {int(bad[0])}, outside the model's "
+                             f"vocabulary [0, {vocab_size})")
+    return rows, np.array([r.size for r in rows], np.int32)
+
+
+def _budgets(max_new_tokens, batch: int) -> np.ndarray:
+    """max_new_tokens (an int, or one per row) as int32[B]."""
+    budgets = np.asarray(max_new_tokens)
+    if (budgets.dtype.kind not in "iu" or budgets.ndim > 1 or np.any(budgets < 0)
+            or (budgets.ndim == 1 and budgets.size != batch)):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0, or one "
+                         f"per prompt ({batch})")
+    return np.broadcast_to(budgets, (batch,)).astype(np.int32)
+
+
+def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *,
+             sampler: str = "greedy", max_new_tokens: int | Sequence[int] = 32, seed: int = 0,
+             draft_model=None, sampling: SamplingConfig | None = None, config: Any = None,
+             eos_id: int | None = None, prompt_lengths: Sequence[int] | None = None,
+             max_length: int | None = None, max_steps: int | None = None) -> GenerateOutput:
+    """Decodes up to max_new_tokens tokens (an int, or one per row) after each prompt with
+    the named sampler.
+
+    model / draft_model: models of the protocol (models/core/protocol.py); the draft must
+        share the target's vocabulary. Samplers: SAMPLERS.
+    prompts: a list of token-id lists (ragged), or a [B, T] array with prompt_lengths.
+    sampling: SamplingConfig for the sampling samplers; config: the sampler's own config
+        (SpeculativeConfig, NgramConfig, FlyConfig, SelfSpecConfig), gin defaults if None.
+    eos_id: a row stops after emitting it (None: rows run to max_new_tokens).
+    max_length: buffer length (prompt + generated) to use instead of the automatic one;
+        a prompt that leaves no room in it is an error.
+    max_steps: loop step budget (default max_new_tokens, enough since every step commits at
+        least one token per unfinished row).
+
+    Returns GenerateOutput(tokens, stats) with stats: sampler, steps, prefill_calls,
+    target_calls and draft_calls (batched calls after prefill), drafted, accepted,
+    acceptance_rate, tokens_per_target_call (mean tokens a row commits per target call),
+    accepted_hist, committed_per_step, new_tokens per row, and sampler counters.
+    """
+    sampler_spec(sampler)  # an unknown name fails before any work
+    vocab_size = int(model.vocab_size)
+    if draft_model is not None and int(draft_model.vocab_size) != vocab_size:
+        raise ValueError(f"draft model vocab_size={draft_model.vocab_size} differs from the "
+                         f"target's vocab_size={vocab_size}; they must share a vocabulary")
+    rows, lengths = _prompt_rows(prompts, prompt_lengths, vocab_size)
+    budgets = _budgets(max_new_tokens, len(rows))
+    longest = int(lengths.max())
+    if max_length is None:
+        buffer_length = 1 << (prompt_bucket(longest) + max(int(budgets.max()), 1) - 1
+                              ).bit_length()
+    else:
+        buffer_length = int(max_length)
+        if longest >= buffer_length:
+            raise ValueError(f"prompt {int(lengths.argmax())} has {longest} tokens, which does "
+                             f"not fit max_length={buffer_length} (the cache must hold the "
+                             "prompt and at least one new token)")
+    prefill_length = min(prompt_bucket(longest), buffer_length)
+
+    target_graph, target_weights = nnx.split(model)
+    weights = {"target": target_weights}
+    draft_graph = None
+    if draft_model is not None:
+        draft_graph, weights["draft"] = nnx.split(draft_model)
+    sampler_obj = make_sampler(sampler, target_graph, draft_graph, sampling=sampling,
+                               config=config)
+
+    tokens = np.zeros((len(rows), buffer_length), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :row.size] = row
+    state = sampler_obj.init(weights, jnp.asarray(tokens), jnp.asarray(lengths),
+                             jnp.asarray(budgets), jnp.asarray(-1 if eos_id is None else eos_id,
+                                                               jnp.int32),
+                             jax.random.key(seed), prefill_length=prefill_length)
+    budget = int(budgets.max()) if max_steps is None else max_steps
+    state = loop.run(sampler_obj.step, state, budget, weights)
+
+    # The one device -> host transfer of the call.
+    host = jax.device_get({"tokens": state.tokens, "lengths": state.lengths,
+                           "step": state.step, "stats": state.stats})
+    out_tokens = [host["tokens"][b, lengths[b]:host["lengths"][b]].tolist()
+                  for b in range(len(rows))]
+    return GenerateOutput(out_tokens, _stats(sampler, host, out_tokens, draft_model is not None))
+
+
+def _stats(sampler: str, host: dict, out_tokens: list[list[int]], has_draft: bool) -> dict:
+    s = host["stats"]
+    hist = np.asarray(s.accepted_hist)
+    steps = int(host["step"])
+    row_rounds = int(hist.sum())
+    stats = {
+        "sampler": sampler,
+        "steps": steps,
+        "prefill_calls": 2 if has_draft else 1,
+        "target_calls": int(s.target_calls),
+        "draft_calls": int(s.draft_calls),
+        "drafted": int(s.drafted),
+        "accepted": int(s.accepted),
+        "acceptance_rate": float(s.accepted) / max(int(s.drafted), 1),
+        "tokens_per_target_call": float((np.arange(hist.size) * hist).sum()) / max(row_rounds, 1),
+        "accepted_hist": hist.tolist(),
+        "committed_per_step": np.asarray(s.committed_per_step)[:steps].tolist(),
+        "new_tokens": [len(t) for t in out_tokens],
+    }
+    stats.update({k: int(v) for k, v in s.counters.items()})
+    return stats

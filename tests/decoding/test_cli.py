@@ -1,0 +1,46 @@
+"""experiments/generate.py: flags -> sampler configs -> decoded text and one JSON stats line,
+with a stand-in checkpoint loader (so this test does not depend on train/checkpoint.py)."""
+import json
+import sys
+import types
+
+import pytest
+from absl import flags
+
+from experiments import generate as cli
+from models import registry
+from models.transformer import Transformer
+from tests.decoding import helpers
+
+
+def test_flag_values_become_sampler_configs():
+    sampling, config = cli.sampler_configs("speculative", temperature=0.7, top_k=5, gamma=3)
+    assert (sampling.temperature, sampling.top_k, sampling.top_p) == (0.7, 5, 1.0)
+    assert config.gamma == 3
+    assert cli.sampler_configs("greedy") == (None, None)
+    with pytest.raises(ValueError, match=r"'greedy' is greedy; \['temperature'\]"):
+        cli.sampler_configs("greedy", temperature=0.7)
+    with pytest.raises(ValueError, match="temperature=0.0"):
+        cli.sampler_configs("sample", temperature=0.0)
+    with pytest.raises(ValueError, match="gamma=3 applies to speculative samplers"):
+        cli.sampler_configs("sample", gamma=3)
+    with pytest.raises(ValueError, match="unknown sampler 'topk'"):
+        cli.sampler_configs("topk")
+
+
+def test_main_prints_the_continuation_and_a_json_stats_line(monkeypatch, capsys):
+    # A byte-vocabulary tiny model in place of a trained checkpoint.
+    model = registry.construct(Transformer, helpers.config(vocab=260), seed=0)
+    fake = types.ModuleType("train.checkpoint")
+    fake.restore_model = lambda workdir, step=None: (model, "transformer", model.config)
+    monkeypatch.setitem(sys.modules, "train.checkpoint", fake)
+
+    flag_values = flags.FlagValues()
+    cli.define_flags(flag_values)
+    flag_values(["generate", "--workdir=somewhere", "--prompt=ab", "--max_new_tokens=3"])
+    cli.main(["generate"], flag_values)
+    lines = capsys.readouterr().out.splitlines()
+    stats = json.loads(lines[-1])
+    assert lines[0].startswith("ab")
+    assert stats["sampler"] == "greedy" and stats["workdir"] == "somewhere"
+    assert stats["prompt_tokens"] == 3 and stats["new_tokens"][0] <= 3

@@ -1,0 +1,71 @@
+"""Bad requests fail before any compilation with a ValueError naming the bad value and, where
+there is a choice, the valid ones."""
+import pytest
+
+from decoding import generate as generate_lib
+from decoding.generate import generate
+from decoding.sampling import SamplingConfig
+from decoding.speculative import FlyConfig, SpeculativeConfig
+from tests.decoding import helpers
+
+
+def test_prompt_longer_than_the_cache():
+    with pytest.raises(ValueError, match=r"prompt 1 has 10 tokens.*max_length=8"):
+        generate(helpers.model(), [[1, 2], list(range(10))], max_length=8)
+
+
+def test_empty_prompt_and_empty_batch():
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(helpers.model(), [[1, 2], []])
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(helpers.model(), [])
+
+
+def test_token_outside_the_vocabulary():
+    with pytest.raises(ValueError, match=r"token id 64.*\[0, 64\)"):
+        generate(helpers.model(), [[1, 64]])
+
+
+def test_draft_with_another_vocabulary():
+    with pytest.raises(ValueError, match=r"draft model vocab_size=8.*vocab_size=64"):
+        generate(helpers.model(), [[1, 2]], sampler="speculative_greedy",
+                 draft_model=helpers.model(0, vocab=8))
+
+
+def test_unknown_sampler_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown sampler 'beam'.*'speculative_greedy'"):
+        generate(helpers.model(), [[1, 2]], sampler="beam")
+
+
+def test_non_positive_temperature_where_sampling_is_asked():
+    with pytest.raises(ValueError, match=r"temperature=0.0.*greedy"):
+        generate(helpers.model(), [[1, 2]], sampler="sample",
+                 sampling=SamplingConfig(temperature=0.0))
+    with pytest.raises(ValueError, match=r"temperature=-0.5"):
+        SamplingConfig(temperature=-0.5)
+
+
+def test_mismatched_sampler_arguments():
+    m = helpers.model()
+    with pytest.raises(ValueError, match="'speculative' needs a draft model"):
+        generate(m, [[1, 2]], sampler="speculative")
+    with pytest.raises(ValueError, match="'ngram_greedy' takes no draft model"):
+        generate(m, [[1, 2]], sampler="ngram_greedy", draft_model=m)
+    with pytest.raises(ValueError, match="'greedy' is greedy and takes no sampling config"):
+        generate(m, [[1, 2]], sampler="greedy", sampling=SamplingConfig())
+    with pytest.raises(ValueError, match="'fly' needs a FlyConfig, got SpeculativeConfig"):
+        generate(m, [[1, 2]], sampler="fly", draft_model=m, config=SpeculativeConfig())
+    with pytest.raises(ValueError, match=r"max_new_tokens=-1"):
+        generate(m, [[1, 2]], max_new_tokens=-1)
+    with pytest.raises(ValueError, match=r"max_new_tokens=\[1, 2\].*one per prompt \(1\)"):
+        generate(m, [[1, 2]], max_new_tokens=[1, 2])
+
+
+def test_bad_sampler_configs_name_the_value():
+    with pytest.raises(ValueError, match="gamma=0"):
+        SpeculativeConfig(gamma=0)
+    with pytest.raises(ValueError, match="window=-1"):
+        FlyConfig(window=-1)
+    assert set(generate_lib.SAMPLERS) >= {"greedy", "sample", "speculative",
+                                          "speculative_greedy", "ngram", "ngram_greedy", "fly",
+                                          "self_spec", "self_spec_greedy"}
