@@ -20,6 +20,7 @@ from flax import nnx
 
 from decoding import loop, sampling
 from decoding.speculative import rules, verify
+from decoding.speculative.base import DraftAndVerify
 
 
 @gin.configurable
@@ -68,31 +69,12 @@ def draft_tokens(draft, cache, seq: jax.Array, seq_len: jax.Array, gamma: int, r
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftModelSpeculative:
+class DraftModelSpeculative(DraftAndVerify):
     """Draft-model speculative decoding on the shared loop (greedy or lossless sampling)."""
     target: nnx.GraphDef
     draft: nnx.GraphDef
     config: SpeculativeConfig
     sampling: sampling.SamplingConfig | None = None  # None: greedy verification
-
-    @property
-    def hist_size(self) -> int:
-        return self.config.gamma + 2
-
-    @property
-    def cache_slack(self) -> int:
-        return self.config.gamma + 2
-
-    @property
-    def rule(self):
-        return rules.GreedyRule() if self.sampling is None else rules.LosslessRule(self.sampling)
-
-    def init(self, weights, tokens, prompt_lengths, max_new_tokens, eos_id, rng, *,
-             prefill_length: int) -> loop.LoopState:
-        return loop.init_state({"target": self.target, "draft": self.draft}, weights, tokens,
-                               prompt_lengths, max_new_tokens, eos_id, rng,
-                               prefill_length=prefill_length, cache_slack=self.cache_slack,
-                               hist_size=self.hist_size)
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         target = nnx.merge(self.target, weights["target"])

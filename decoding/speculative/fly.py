@@ -27,6 +27,7 @@ from flax import nnx
 
 from decoding import loop, sampling
 from decoding.speculative import ngram, rules, verify
+from decoding.speculative.base import DraftAndVerify
 
 
 @gin.configurable
@@ -102,15 +103,11 @@ def multilevel_draft(draft, cache, seq: jax.Array, seq_len: jax.Array, *, gamma:
 
 
 @dataclasses.dataclass(frozen=True)
-class FlySpeculative:
+class FlySpeculative(DraftAndVerify):
     """FLy on the shared loop: multi-level drafting, FLy verification (greedy)."""
     target: nnx.GraphDef
     draft: nnx.GraphDef
     config: FlyConfig
-
-    @property
-    def hist_size(self) -> int:
-        return self.config.gamma + 2
 
     @property
     def cache_slack(self) -> int:
@@ -121,13 +118,6 @@ class FlySpeculative:
     def rule(self) -> rules.FlyRule:
         return rules.FlyRule(window=self.config.window,
                              entropy_threshold=self.config.entropy_threshold)
-
-    def init(self, weights, tokens, prompt_lengths, max_new_tokens, eos_id, rng, *,
-             prefill_length: int) -> loop.LoopState:
-        return loop.init_state({"target": self.target, "draft": self.draft}, weights, tokens,
-                               prompt_lengths, max_new_tokens, eos_id, rng,
-                               prefill_length=prefill_length, cache_slack=self.cache_slack,
-                               hist_size=self.hist_size, counters=self.rule.counter_names)
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         target = nnx.merge(self.target, weights["target"])

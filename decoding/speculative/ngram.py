@@ -19,6 +19,7 @@ from flax import nnx
 
 from decoding import loop, sampling
 from decoding.speculative import rules, verify
+from decoding.speculative.base import DraftAndVerify
 
 
 @gin.configurable
@@ -75,31 +76,13 @@ def ngram_propose(tokens: jax.Array, lengths: jax.Array, *, num_tokens: int, max
 
 
 @dataclasses.dataclass(frozen=True)
-class NgramSpeculative:
+class NgramSpeculative(DraftAndVerify):
     """Prompt-lookup speculative decoding: no draft model, the target verifies the proposal
     (greedy when sampling is None, else lossless with a one-hot draft distribution). A row
     without a match drafts nothing and its round is a plain decoding step."""
     target: nnx.GraphDef
     config: NgramConfig
     sampling: sampling.SamplingConfig | None = None
-
-    @property
-    def hist_size(self) -> int:
-        return self.config.gamma + 2
-
-    @property
-    def cache_slack(self) -> int:
-        return self.config.gamma + 2
-
-    @property
-    def rule(self):
-        return rules.GreedyRule() if self.sampling is None else rules.LosslessRule(self.sampling)
-
-    def init(self, weights, tokens, prompt_lengths, max_new_tokens, eos_id, rng, *,
-             prefill_length: int) -> loop.LoopState:
-        return loop.init_state({"target": self.target}, weights, tokens, prompt_lengths,
-                               max_new_tokens, eos_id, rng, prefill_length=prefill_length,
-                               cache_slack=self.cache_slack, hist_size=self.hist_size)
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         target = nnx.merge(self.target, weights["target"])

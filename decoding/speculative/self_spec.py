@@ -27,6 +27,7 @@ from flax import nnx
 
 from decoding import loop, sampling
 from decoding.speculative import rules, verify
+from decoding.speculative.base import DraftAndVerify
 
 
 @gin.configurable
@@ -49,29 +50,11 @@ class SelfSpecConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SelfSpeculative:
+class SelfSpeculative(DraftAndVerify):
     """Early-exit self-speculation with a per-row confidence stop."""
     target: nnx.GraphDef
     config: SelfSpecConfig
     sampling: sampling.SamplingConfig | None = None
-
-    @property
-    def hist_size(self) -> int:
-        return self.config.gamma + 2
-
-    @property
-    def cache_slack(self) -> int:
-        return self.config.gamma + 2
-
-    @property
-    def rule(self):
-        return rules.GreedyRule() if self.sampling is None else rules.LosslessRule(self.sampling)
-
-    def init(self, weights, tokens, prompt_lengths, max_new_tokens, eos_id, rng, *,
-             prefill_length: int) -> loop.LoopState:
-        return loop.init_state({"target": self.target}, weights, tokens, prompt_lengths,
-                               max_new_tokens, eos_id, rng, prefill_length=prefill_length,
-                               cache_slack=self.cache_slack, hist_size=self.hist_size)
 
     def _draft(self, model, cache, pending, drafting, rng):
         """Drafts up to gamma tokens per row from the early exit. Returns drafts int32[B, gamma],
