@@ -147,6 +147,20 @@ def _budgets(max_new_tokens, batch: int) -> np.ndarray:
     return np.broadcast_to(budgets, (batch,)).astype(np.int32)
 
 
+def _check_rewind_margin(name: str, sampler_obj, models: dict) -> None:
+    """Models with bounded history (MSWA's ring buffers) can roll back only `rewind_margin`
+    tokens; a speculative round may roll back up to the sampler's cache slack. Under jit a
+    deeper rewind could only poison the row (NaN logits), so refuse it here, on the host."""
+    depth = getattr(sampler_obj, "cache_slack", 0)
+    for role, m in models.items():
+        margin = getattr(getattr(m, "config", None), "rewind_margin", None)
+        if margin is not None and depth > margin:
+            raise ValueError(
+                f"sampler {name!r} may roll the {role} back by {depth} tokens, but its "
+                f"rewind_margin={margin}; raise the model's rewind_margin to at least {depth} "
+                "or lower the sampler's gamma")
+
+
 def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *,
              sampler: str = "greedy", max_new_tokens: int | Sequence[int] = 32, seed: int = 0,
              draft_model=None, sampling: SamplingConfig | None = None, config: Any = None,
@@ -197,6 +211,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
         draft_graph, weights["draft"] = nnx.split(draft_model)
     sampler_obj = make_sampler(sampler, target_graph, draft_graph, sampling=sampling,
                                config=config)
+    _check_rewind_margin(sampler, sampler_obj, {"target": model, "draft": draft_model})
 
     tokens = np.zeros((len(rows), buffer_length), np.int32)
     for b, row in enumerate(rows):

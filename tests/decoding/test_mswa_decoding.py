@@ -1,8 +1,10 @@
 """The shared loop decodes MSWA (ring-buffer caches) correctly: a ragged batch gives each row
 what it gets alone, and greedy speculative decoding with an MSWA target equals plain greedy."""
 import numpy as np
+import pytest
 
 from decoding.generate import generate
+from decoding.speculative.draft_model import SpeculativeConfig
 from models import registry
 from models.mswa import MSWA, MSWAConfig
 from tests.decoding import helpers
@@ -33,3 +35,10 @@ def test_speculative_greedy_with_mswa_target_equals_plain_greedy():
                     max_new_tokens=helpers.MAX_NEW)
     for a, b in zip(plain.tokens, spec.tokens):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gamma_beyond_the_rewind_margin_is_refused():
+    with pytest.raises(ValueError, match="rewind_margin=8"):
+        generate(_mswa(), helpers.PROMPTS, sampler="speculative_greedy",
+                 draft_model=helpers.model(seed=1), config=SpeculativeConfig(gamma=12),
+                 max_new_tokens=4)
