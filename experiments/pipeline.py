@@ -20,7 +20,8 @@ from train import trainer as trainer_lib
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "def fibonacci(n):\n    "
+# Ends mid-line: a prompt ending in indentation makes a small greedy model emit more spaces.
+DEFAULT_PROMPT = "class Queue:\n    def __init__(self"
 
 
 @gin.configurable
