@@ -148,8 +148,12 @@ class MSWA(Transformer):
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> ModelOutput:
         out = super().__call__(tokens, segment_ids=segment_ids, positions=positions)
-        ratio = jnp.asarray(self.window_budget_ratio(), jnp.float32)
-        return out.replace(metrics={**out.metrics, "window_budget_ratio": ratio})
+        ratio = self.window_budget_ratio()
+        if math.isinf(ratio):
+            return out  # full attention has no window budget; an inf scalar would only
+                        # pollute the training curves
+        return out.replace(metrics={**out.metrics,
+                                    "window_budget_ratio": jnp.asarray(ratio, jnp.float32)})
 
     # -- decoding --------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int) -> RingCache:
