@@ -103,24 +103,19 @@ def first_line(tokens: list[int]) -> bytes:
     return raw.split(b"\n", 1)[0]
 
 
-def prefix_match(truth: bytes, generated: bytes) -> float:
-    """Share of the true line's bytes the generated line reproduces before diverging."""
-    same = 0
-    for a, b in zip(truth, generated):
-        if a != b:
-            break
-        same += 1
-    return same / max(len(truth), 1)
-
-
-def agreement(reference: list[int], tokens: list[int]) -> float:
-    """Share of the reference tokens reproduced before the first divergence."""
+def agreement(reference, tokens) -> float:
+    """Share of `reference` (token ids, or bytes) reproduced before the first divergence."""
     same = 0
     for a, b in zip(reference, tokens):
         if a != b:
             break
         same += 1
     return same / max(len(reference), 1)
+
+
+def prefix_match(truth: bytes, generated: bytes) -> float:
+    """Share of the true line's bytes the generated line reproduces before diverging."""
+    return agreement(truth, generated)
 
 
 def _decode_all(target, prompts: list[list[int]], kwargs: dict[str, Any], max_new: int,
