@@ -171,34 +171,28 @@ class MSWA(Transformer):
         zeros = jnp.zeros((batch_size,), jnp.int32)
         return RingCache(layers=layers, lengths=zeros, rewind_floor=zeros)
 
-    def extend(self, tokens: jax.Array, cache: RingCache, *, exit_layer: int | None = None,
-               num_tokens: jax.Array | None = None) -> tuple[jax.Array, RingCache]:
-        """Appends tokens [B, S] at each row's own length; returns logits [B, S, V].
-
-        num_tokens: optional int32 [B], how many of the S tokens of each row are real (a
-          ragged prefill, right-padded); the rest are neither stored nor counted. This is how
-          prompts whose lengths differ by more than rewind_margin enter the cache.
-        exit_layer: run only the first `exit_layer` blocks (early-exit drafting), as in
-          Transformer.extend.
-        Rows rewound past their rings' history (cache.valid False) get NaN logits.
-        """
-        b, s = tokens.shape
-        n = self.config.n_layers if exit_layer is None else exit_layer
-        if not 1 <= n <= self.config.n_layers:
-            raise ValueError(f"exit_layer={exit_layer} must be in [1, {self.config.n_layers}]")
+    # extend / extend_trunk / extend_from come from Transformer and run through these two
+    # hooks. num_tokens (int32 [B], default all S) says how many of the S tokens of each row
+    # are real (a ragged prefill, right-padded); the rest are neither stored nor counted,
+    # which is how prompts whose lengths differ by more than rewind_margin enter the rings.
+    def _extend_blocks(self, x, cache: RingCache, start: int, stop: int, num_tokens):
+        b, s = x.shape[:2]
         if num_tokens is None:
             num_tokens = jnp.full((b,), s, jnp.int32)
         num_tokens = jnp.asarray(num_tokens, jnp.int32)
-        x = self.embed(tokens)
         layers = list(cache.layers)
-        for i in range(n):
+        for i in range(start, stop):
             block = self.blocks[i]
             h, layers[i] = ring_cache.ring_extend(block.attn, block.attn_norm(x), layers[i],
                                                   cache.lengths, num_tokens)
             x = x + h
             x = x + block.mlp(block.mlp_norm(x))
-        logits = jnp.where(cache.valid[:, None, None], self.logits(x), jnp.nan)
-        return logits, cache.replace(layers=tuple(layers)).advance(num_tokens)
+        return x, cache.replace(layers=tuple(layers)).advance(num_tokens)
+
+    def _read_logits(self, x: jax.Array, cache: RingCache) -> jax.Array:
+        """Rows rewound past their rings' history (cache.valid False) get NaN logits, so a
+        broken rewind contract can never pass silently."""
+        return jnp.where(cache.valid[:, None, None], self.logits(x), jnp.nan)
 
     def rewind(self, cache: RingCache, lengths: jax.Array) -> RingCache:
         return cache.rewind(lengths)

@@ -5,7 +5,9 @@ Pre-norm residual blocks of RMSNorm -> GQA attention with RoPE -> RMSNorm -> Swi
 RMSNorm and an (optionally tied) output head. Implements the whole model protocol of DESIGN.md:
 `__call__` for training, `init_cache` / `extend` / `rewind` for decoding with ragged rows.
 `extend(..., exit_layer=l)` runs only the first l blocks and reads logits through the final
-norm and head, which is what self-speculative (early-exit) drafting needs.
+norm and head, which is what self-speculative (early-exit) drafting needs; `extend_trunk` and
+`extend_from` split one extend at a layer, so verification can resume from the exit's hidden
+states (Kangaroo, arXiv 2404.18911).
 """
 import dataclasses
 import math
@@ -118,24 +120,37 @@ class Transformer(nnx.Module):
     # -- training --------------------------------------------------------------------------
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> ModelOutput:
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
-                                         tokens.shape)
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, positions, segment_ids)
+        x = self.hidden_at(tokens, self.config.n_layers, segment_ids=segment_ids,
+                           positions=positions)
         logits = self.logits(x)
         return ModelOutput(logits=logits, aux_loss=jnp.zeros((), jnp.float32), metrics={})
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output head; logits are returned in f32 for a stable softmax."""
-        x = self.final_norm(x)
+        return self.project_to_vocab(self.final_norm(x))
+
+    def project_to_vocab(self, x: jax.Array) -> jax.Array:
+        """The output head alone, on already-normalised states (an early-exit adapter brings
+        its own final norm and shares this head)."""
         if self.config.tie_embeddings:
             out = self.embed.attend(x)
         else:
             out = x.astype(self.config.compute_dtype) @ self.lm_head[...].astype(
                 self.config.compute_dtype)
         return out.astype(jnp.float32)
+
+    def hidden_at(self, tokens: jax.Array, layer: int, *, segment_ids: jax.Array | None = None,
+                  positions: jax.Array | None = None) -> jax.Array:
+        """The residual stream [B, T, d] after the first `layer` blocks (training-time view of
+        an early exit; what an early-exit adapter is trained on)."""
+        self._check_layer("layer", layer, low=0)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                         tokens.shape)
+        x = self.embed(tokens)
+        for block in self.blocks[:layer]:
+            x = block(x, positions, segment_ids)
+        return x
 
     # -- decoding --------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
@@ -157,16 +172,48 @@ class Transformer(nnx.Module):
         later verifies the same positions.
         """
         n = self.config.n_layers if exit_layer is None else exit_layer
-        if not 1 <= n <= self.config.n_layers:
-            raise ValueError(f"exit_layer={exit_layer} must be in [1, {self.config.n_layers}]")
-        x = self.embed(tokens)
+        self._check_layer("exit_layer", n)
+        x, new_cache = self._extend_blocks(self.embed(tokens), cache, 0, n, num_tokens)
+        return self._read_logits(x, cache), new_cache
+
+    def extend_trunk(self, tokens: jax.Array, cache, *, exit_layer: int,
+                     num_tokens: jax.Array | None = None) -> tuple[jax.Array, object]:
+        """Like extend(..., exit_layer=l) but returns the residual stream [B, S, d] after block
+        l instead of logits: what early-exit drafting keeps so verification can resume from it
+        (`extend_from`) instead of recomputing the first l blocks."""
+        self._check_layer("exit_layer", exit_layer)
+        return self._extend_blocks(self.embed(tokens), cache, 0, exit_layer, num_tokens)
+
+    def extend_from(self, hidden: jax.Array, cache, *, start_layer: int,
+                    num_tokens: jax.Array | None = None) -> tuple[jax.Array, object]:
+        """Runs blocks start_layer.. on residual states hidden [B, S, d] that an earlier
+        `extend_trunk(..., exit_layer=start_layer)` produced for the same positions, and returns
+        logits [B, S, V]. The positions start at each row's cache length, so rewind the cache
+        to where those tokens began first; the shallow layers must already hold them (their
+        entries are read, not rewritten)."""
+        self._check_layer("start_layer", start_layer, low=0)
+        x, new_cache = self._extend_blocks(hidden, cache, start_layer, self.config.n_layers,
+                                           num_tokens)
+        return self._read_logits(x, cache), new_cache
+
+    def _check_layer(self, name: str, value: int, low: int = 1) -> None:
+        if not low <= value <= self.config.n_layers:
+            raise ValueError(f"{name}={value} must be in [{low}, {self.config.n_layers}]")
+
+    def _extend_blocks(self, x, cache: KVCache, start: int, stop: int, num_tokens):
+        """Blocks [start, stop) on x at each row's cache length; the cache advances by
+        num_tokens (default all S)."""
         layers = list(cache.layers)
-        for i in range(n):
+        for i in range(start, stop):
             x, layers[i] = self.blocks[i].extend(x, layers[i], cache.lengths)
         # Padding written past a row's new length is masked by position and overwritten later.
-        added = tokens.shape[1] if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
-        new_cache = KVCache(layers=tuple(layers), lengths=cache.lengths + added)
-        return self.logits(x), new_cache
+        added = x.shape[1] if num_tokens is None else jnp.asarray(num_tokens, jnp.int32)
+        return x, KVCache(layers=tuple(layers), lengths=cache.lengths + added)
+
+    def _read_logits(self, x: jax.Array, cache) -> jax.Array:
+        """Logits of the final states; `cache` is the cache the call started from."""
+        del cache  # a plain KV cache has no invalid rows
+        return self.logits(x)
 
     def rewind(self, cache: KVCache, lengths: jax.Array) -> KVCache:
         return cache.rewind(lengths)

@@ -266,3 +266,26 @@ def test_shipped_gin_configs_differ_only_in_the_windows():
                   for c in configs.values()}
     assert len(windowless) == 1
     assert registry.lookup("mswa") == (MSWAConfig, MSWA)
+
+
+def test_extend_trunk_then_extend_from_past_wrap_equals_one_extend(model, tokens):
+    """Self-speculation's resumed verification on ring buffers: shallow steps one token at a
+    time, a rewind within the margin, then the deep blocks on their exit states."""
+    @nnx.jit
+    def resumed(m, toks, cache):
+        start = cache.lengths
+        hiddens = []
+        for i in range(toks.shape[1]):
+            h, cache = m.extend_trunk(toks[:, i:i + 1], cache, exit_layer=1)
+            hiddens.append(h)
+        return m.extend_from(jnp.concatenate(hiddens, axis=1), m.rewind(cache, start),
+                             start_layer=1)
+
+    _, cache = _extend(model, tokens[:, :20], model.init_cache(2, MAX_LENGTH))
+    logits, after = resumed(model, tokens[:, 20:22], cache)
+    expected, whole = _extend(model, tokens[:, 20:22], cache)
+    _assert_close(logits, expected)
+    np.testing.assert_array_equal(after.lengths, whole.lengths)
+    # The next tokens see the same history either way.
+    _assert_close(_extend(model, tokens[:, 22:25], after)[0],
+                  _extend(model, tokens[:, 22:25], whole)[0])

@@ -147,3 +147,39 @@ def test_num_tokens_prefills_a_ragged_batch_in_one_call():
     logits, _ = _extend(model, jnp.concatenate([seq0[:, 5:7], seq1[:, 3:5]], axis=0), cache)
     _assert_close(logits[0], _forward(model, seq0)[0, 5:7])
     _assert_close(logits[1], _forward(model, seq1)[0, 3:5])
+
+
+@pytest.mark.parametrize("exit_layer", [0, 1, 2])
+def test_extend_trunk_then_extend_from_equals_one_extend(exit_layer):
+    """Splitting a ragged extend at a layer (the resumed verification of self-speculation)
+    gives the same logits and the same cache as one call."""
+    model = _model()
+    tokens, prefix = _tokens(2, 6), _tokens(2, 5, seed=2)
+    num = jnp.array([5, 3], jnp.int32)
+    _, cache = nnx.jit(lambda m, t, c, n: m.extend(t, c, num_tokens=n))(
+        model, prefix, model.init_cache(2, 16), num)
+
+    @nnx.jit
+    def split(m, t, c):
+        if exit_layer == 0:
+            hidden, shallow = m.embed(t), c.replace(lengths=c.lengths + t.shape[1])
+        else:
+            hidden, shallow = m.extend_trunk(t, c, exit_layer=exit_layer)
+        return m.extend_from(hidden, m.rewind(shallow, c.lengths), start_layer=exit_layer)
+
+    logits, resumed = split(model, tokens, cache)
+    expected, whole = _extend(model, tokens, cache)
+    _assert_close(logits, expected)
+    np.testing.assert_array_equal(resumed.lengths, whole.lengths)
+    for a, b in zip(resumed.layers, whole.layers):
+        _assert_close(a.k, b.k)
+        _assert_close(a.v, b.v)
+
+
+def test_hidden_at_and_project_to_vocab_compose_to_the_forward():
+    model = _model()
+    tokens = _tokens(2, 7)
+    hidden = nnx.jit(lambda m, t: m.hidden_at(t, CONFIG.n_layers))(model, tokens)
+    _assert_close(model.project_to_vocab(model.final_norm(hidden)), _forward(model, tokens))
+    with pytest.raises(ValueError, match="start_layer=3"):
+        model.extend_from(hidden, model.init_cache(2, 8), start_layer=3)
