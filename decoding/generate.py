@@ -29,28 +29,29 @@ from decoding.sampling import Autoregressive, SamplingConfig
 from decoding.speculative import (DraftModelSpeculative, FlyConfig, FlySpeculative,
                                   NgramConfig, NgramSpeculative, SelfSpecConfig,
                                   SelfSpeculative, SpeculativeConfig)
+from models.early_exit_adapter import EarlyExitAdapter
 
 MIN_PROMPT_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    needs_draft: bool
+    draft: str  # "required", "optional" (self-speculation's trained adapter) or "none"
     samples: bool
     config_cls: type | None
 
 
 # name -> what the sampler needs. "_greedy" variants verify by exact argmax match.
 _SAMPLERS: dict[str, _Spec] = {
-    "greedy": _Spec(False, False, None),
-    "sample": _Spec(False, True, None),
-    "speculative_greedy": _Spec(True, False, SpeculativeConfig),
-    "speculative": _Spec(True, True, SpeculativeConfig),
-    "ngram_greedy": _Spec(False, False, NgramConfig),
-    "ngram": _Spec(False, True, NgramConfig),
-    "fly": _Spec(True, False, FlyConfig),
-    "self_spec_greedy": _Spec(False, False, SelfSpecConfig),
-    "self_spec": _Spec(False, True, SelfSpecConfig),
+    "greedy": _Spec("none", False, None),
+    "sample": _Spec("none", True, None),
+    "speculative_greedy": _Spec("required", False, SpeculativeConfig),
+    "speculative": _Spec("required", True, SpeculativeConfig),
+    "ngram_greedy": _Spec("none", False, NgramConfig),
+    "ngram": _Spec("none", True, NgramConfig),
+    "fly": _Spec("required", False, FlyConfig),
+    "self_spec_greedy": _Spec("optional", False, SelfSpecConfig),
+    "self_spec": _Spec("optional", True, SelfSpecConfig),
 }
 SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
 
@@ -81,11 +82,11 @@ def make_sampler(name: str, target: nnx.GraphDef, draft: nnx.GraphDef | None = N
         raise ValueError(f"sampler {name!r} is greedy and takes no sampling config (got "
                          f"{sampling}); sampling samplers: "
                          f"{tuple(n for n, s in _SAMPLERS.items() if s.samples)}")
-    if spec.needs_draft and draft is None:
+    if spec.draft == "required" and draft is None:
         raise ValueError(f"sampler {name!r} needs a draft model (draft_model=...)")
-    if not spec.needs_draft and draft is not None:
+    if spec.draft == "none" and draft is not None:
         raise ValueError(f"sampler {name!r} takes no draft model; samplers with a draft: "
-                         f"{tuple(n for n, s in _SAMPLERS.items() if s.needs_draft)}")
+                         f"{tuple(n for n, s in _SAMPLERS.items() if s.draft != 'none')}")
     if spec.config_cls is None:
         if config is not None:
             raise ValueError(f"sampler {name!r} takes no config, got {config!r}")
@@ -102,7 +103,7 @@ def make_sampler(name: str, target: nnx.GraphDef, draft: nnx.GraphDef | None = N
         return NgramSpeculative(target, config, sampling)
     if name == "fly":
         return FlySpeculative(target, draft, config)
-    return SelfSpeculative(target, config, sampling)
+    return SelfSpeculative(target, config, sampling, draft)
 
 
 def prompt_bucket(length: int) -> int:
@@ -170,7 +171,9 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
     the named sampler.
 
     model / draft_model: models of the protocol (models/core/protocol.py); the draft must
-        share the target's vocabulary. Samplers: SAMPLERS.
+        share the target's vocabulary. Samplers: SAMPLERS. For the self_spec samplers the
+        optional draft_model is a trained EarlyExitAdapter of `model` (Kangaroo); without
+        one the early exit reads the target's head directly.
     prompts: a list of token-id lists (ragged), or a [B, T] array with prompt_lengths.
     sampling: SamplingConfig for the sampling samplers; config: the sampler's own config
         (SpeculativeConfig, NgramConfig, FlyConfig, SelfSpecConfig), gin defaults if None.
@@ -211,6 +214,11 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
         draft_graph, weights["draft"] = nnx.split(draft_model)
     sampler_obj = make_sampler(sampler, target_graph, draft_graph, sampling=sampling,
                                config=config)
+    if isinstance(sampler_obj, SelfSpeculative) and draft_model is not None:
+        if not isinstance(draft_model, EarlyExitAdapter):
+            raise ValueError(f"sampler {sampler!r} takes an EarlyExitAdapter as its draft "
+                             f"model, got {type(draft_model).__name__}")
+        draft_model.check_target(model, sampler_obj.config.exit_layer)
     _check_rewind_margin(sampler, sampler_obj, {"target": model, "draft": draft_model})
 
     tokens = np.zeros((len(rows), buffer_length), np.int32)

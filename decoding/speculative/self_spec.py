@@ -1,24 +1,27 @@
 """Self-speculative decoding by early exit (Kangaroo, arXiv 2404.18911; Equationliu/Kangaroo
 @4f0949d, `evaluation/inference_kangaroo.py`).
 
-The draft is the target itself cut after its first `exit_layer` blocks and read through its
-final norm and head (`model.extend(..., exit_layer=l)`), so no second model is trained or
-stored. Kangaroo's second early exit stops drafting a row as soon as the draft's confidence
-(max probability) falls below a threshold: the low-confidence token is still proposed, then
-that row drafts no more, so draft length adapts per row and per round. Drafting runs as a
-`lax.while_loop` that ends when every row has stopped or gamma tokens exist; verification is
-one full target call with the greedy or lossless rule, rows masked past their own length.
+The draft is the target itself cut after its first `exit_layer` blocks, read through the
+target's head: directly through its final norm, or (Kangaroo proper) through a small trained
+adapter, models/early_exit_adapter.py, passed as the draft model. Kangaroo's second early exit
+stops drafting a row as soon as the draft's confidence (max probability) falls below a
+threshold: the low-confidence token is still proposed, then that row drafts no more, so draft
+length adapts per row and per round. Drafting runs as a `lax.while_loop` that ends when every
+row has stopped or gamma tokens exist.
 
-Differences from Kangaroo: no trained adapter (Kangaroo adds one attention layer between the
-exit and the head; here the shallow draft reads the head directly), and verification recomputes
-the first exit_layer blocks for the drafted tokens instead of resuming from the exited hidden
-states, because the model protocol has no "continue from layer l" entry point. The early-exit
-calls write the shallow layers' cache entries; the verification call rewrites them, so the
-target cache stays exactly what plain decoding would hold.
+Verification resumes from the exit instead of starting over, as Kangaroo does: every drafting
+call keeps the layer-`exit_layer` residual state of the token it fed and wrote the shallow
+layers' cache entries for it, so the round's one verification call runs only the deep blocks
+(`model.extend_from`) over [pending, d_1..d_gamma], after one more shallow step for the last
+draft (the only token drafting never fed). The target cache then holds exactly what plain
+decoding would; entries past the accepted prefix are rewound as in every round. The adapter
+keeps its own cache, rewound to the same length; the shallow step for the last draft also
+writes the adapter's entry for it, so an all-accepted round needs no catch-up.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import gin
 import jax
@@ -51,35 +54,64 @@ class SelfSpecConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SelfSpeculative(DraftAndVerify):
-    """Early-exit self-speculation with a per-row confidence stop."""
+    """Early-exit self-speculation with a per-row confidence stop. `draft`, when given, is the
+    graph of an EarlyExitAdapter between the exit and the head."""
     target: nnx.GraphDef
     config: SelfSpecConfig
     sampling: sampling.SamplingConfig | None = None
+    draft: nnx.GraphDef | None = None
 
-    def _draft(self, model, cache, pending, drafting, rng):
+    def init(self, weights, tokens, prompt_lengths, max_new_tokens, eos_id, rng, *,
+             prefill_length: int) -> loop.LoopState:
+        cache_length = tokens.shape[1] + self.cache_slack
+        caches = {"target": loop.prefill(self.target, weights["target"], tokens,
+                                         prompt_lengths, prefill_length=prefill_length,
+                                         cache_length=cache_length)}
+        if self.draft is not None:
+            caches["draft"] = _prefill_adapter(
+                self.target, self.draft, self.config.exit_layer, prefill_length, cache_length,
+                weights["target"], weights["draft"], tokens,
+                jnp.asarray(prompt_lengths, jnp.int32))
+        return loop.new_state(tokens, prompt_lengths, max_new_tokens, eos_id, rng,
+                              caches=caches, hist_size=self.hist_size,
+                              counters=self.rule.counter_names)
+
+    def _draft(self, model, adapter, caches, pending, drafting, rng):
         """Drafts up to gamma tokens per row from the early exit. Returns drafts int32[B, gamma],
-        their distributions f32[B, gamma, V] (None when greedy), per-row draft lengths and the
-        number of early-exit calls."""
+        their distributions f32[B, gamma, V] (None when greedy), per-row draft lengths, the
+        number of drafting calls, the exit states [B, gamma + 1, d] of [pending, drafts]
+        (valid up to index calls) and the caches holding their shallow entries."""
         c = self.config
         greedy = self.sampling is None
 
-        def call(cache, last, key):
-            logits, cache = model.extend(last[:, None], cache, exit_layer=c.exit_layer)
+        def call(caches, last, key):
+            """One shallow step on last [B]: its exit state, the draft token after it, that
+            token's confidence and distribution (None when greedy)."""
+            hidden, target_cache = model.extend_trunk(last[:, None], caches["target"],
+                                                      exit_layer=c.exit_layer)
+            caches = {**caches, "target": target_cache}
+            if adapter is None:
+                logits = model.logits(hidden)
+            else:
+                logits, caches["draft"] = adapter.extend(hidden, caches["draft"], model)
             logits = logits[:, 0]
             if greedy:
                 confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
-                return sampling.greedy(logits), confidence, None, cache
+                return hidden[:, 0], sampling.greedy(logits), confidence, None, caches
             probs = sampling.probs(logits, self.sampling)
             token = jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
-            return token, jnp.max(probs, axis=-1), probs, cache
+            return hidden[:, 0], token, jnp.max(probs, axis=-1), probs, caches
 
+        batch = pending.shape[0]
         keys = jax.random.split(rng, c.gamma)
         # Every round drafts at least one token (Kangaroo checks confidence only from the
         # second draft step on); this first call also fixes the carried shapes.
-        token, confidence, probs, cache = call(cache, pending, keys[0])
-        drafts = jnp.zeros((pending.shape[0], c.gamma), jnp.int32).at[:, 0].set(token)
+        hidden, token, confidence, probs, caches = call(caches, pending, keys[0])
+        hiddens = jnp.zeros((batch, c.gamma + 1, hidden.shape[-1]), hidden.dtype
+                            ).at[:, 0].set(hidden)
+        drafts = jnp.zeros((batch, c.gamma), jnp.int32).at[:, 0].set(token)
         qs = None if greedy else jnp.zeros(
-            (pending.shape[0], c.gamma, probs.shape[-1]), jnp.float32).at[:, 0].set(probs)
+            (batch, c.gamma, probs.shape[-1]), jnp.float32).at[:, 0].set(probs)
         draft_len = drafting.astype(jnp.int32)
         drafting = drafting & (confidence >= c.threshold)
 
@@ -88,25 +120,63 @@ class SelfSpeculative(DraftAndVerify):
             return jnp.any(drafting) & (i < c.gamma)
 
         def body(carry):
-            i, cache, last, drafts, qs, draft_len, drafting = carry
-            token, confidence, probs, cache = call(cache, last, keys[i])
+            i, caches, hiddens, last, drafts, qs, draft_len, drafting = carry
+            hidden, token, confidence, probs, caches = call(caches, last, keys[i])
+            hiddens = hiddens.at[:, i].set(hidden)
             drafts = drafts.at[:, i].set(token)
             if not greedy:
                 qs = qs.at[:, i].set(probs)
             draft_len = draft_len + drafting.astype(jnp.int32)
             drafting = drafting & (confidence >= c.threshold)
-            return i + 1, cache, token, drafts, qs, draft_len, drafting
+            return i + 1, caches, hiddens, token, drafts, qs, draft_len, drafting
 
-        calls, _, _, drafts, qs, draft_len, _ = jax.lax.while_loop(
-            cond, body, (jnp.ones((), jnp.int32), cache, token, drafts, qs, draft_len,
-                         drafting))
-        return drafts, qs, draft_len, calls
+        calls, caches, hiddens, last, drafts, qs, draft_len, _ = jax.lax.while_loop(
+            cond, body, (jnp.ones((), jnp.int32), caches, hiddens, token, drafts, qs,
+                         draft_len, drafting))
+        # The newest draft was never fed: one more shallow step gives its exit state (the
+        # deep blocks need it for the bonus position) and writes its shallow and adapter
+        # cache entries. Its draft logits are unused and compiled away.
+        hidden, _, _, _, caches = call(caches, last, keys[0])
+        hiddens = jax.lax.dynamic_update_slice_in_dim(hiddens, hidden[:, None], calls, axis=1)
+        return drafts, qs, draft_len, calls, hiddens, caches
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         model = nnx.merge(self.target, weights["target"])
+        adapter = None if self.draft is None else nnx.merge(self.draft, weights["draft"])
         rng, key_draft, key_rule = jax.random.split(state.rng, 3)
-        drafts, q, draft_len, calls = self._draft(
-            model, state.caches["target"], loop.pending_token(state), ~state.done, key_draft)
-        state = verify.add_draft_calls(state.replace(rng=rng), calls)
-        # verify_round rewinds the target cache past the early-exit entries before verifying.
-        return verify.verify_round(state, model, drafts, draft_len, q, self.rule, key_rule)
+        start = state.lengths - 1  # what the target cache held before the round
+        drafts, q, draft_len, calls, hiddens, caches = self._draft(
+            model, adapter, state.caches, loop.pending_token(state), ~state.done, key_draft)
+        # Verification: back to where the round began, then only the deep blocks, on exit
+        # states whose shallow entries drafting already wrote. Slots past `calls` hold zeros
+        # (rows never draft that far, so the rule rejects them before they matter).
+        target_cache = model.rewind(caches["target"], start)
+        logits, target_cache = model.extend_from(hiddens, target_cache,
+                                                 start_layer=self.config.exit_layer)
+        state = verify.add_draft_calls(state.replace(rng=rng, caches=caches), calls)
+        state = verify.settle_round(state, model, target_cache, logits, drafts, draft_len, q,
+                                    self.rule, key_rule)
+        if adapter is not None:
+            state = state.replace(caches={
+                **state.caches, "draft": adapter.rewind(state.caches["draft"],
+                                                         state.lengths - 1)})
+        return state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _prefill_adapter(target_graph, adapter_graph, exit_layer: int, prefill_length: int,
+                     cache_length: int, target_weights, adapter_weights, tokens,
+                     prompt_lengths):
+    """The adapter's cache over each row's prompt but its pending token. Recomputes the
+    prompt's first exit_layer blocks (a fraction of the target's prefill) rather than
+    threading exit states through the shared target prefill."""
+    loop.TRACE_COUNTS["prefill_adapter"] += 1
+    model = nnx.merge(target_graph, target_weights)
+    adapter = nnx.merge(adapter_graph, adapter_weights)
+    batch = tokens.shape[0]
+    hidden, _ = model.extend_trunk(tokens[:, :prefill_length],
+                                   model.init_cache(batch, cache_length),
+                                   exit_layer=exit_layer, num_tokens=prompt_lengths - 1)
+    _, cache = adapter.extend(hidden, adapter.init_cache(batch, cache_length), model,
+                              num_tokens=prompt_lengths - 1)
+    return cache

@@ -47,12 +47,21 @@ def verify_round(state: loop.LoopState, target, drafts: jax.Array, draft_len: ja
                  draft_probs: jax.Array | None, rule, rng: jax.Array) -> loop.LoopState:
     """One target call on [pending, drafts], the rule's accept decision, the commit, and the
     target cache rewound to the new lengths."""
-    active = ~state.done
     # Rewinding first makes the round independent of what a drafter did to the target cache
     # (self-speculation drafts through the target's own shallow layers).
     cache = target.rewind(state.caches["target"], state.lengths - 1)
     chunk = jnp.concatenate([loop.pending_token(state)[:, None], drafts], axis=1)
     logits, cache = target.extend(chunk, cache)
+    return settle_round(state, target, cache, logits, drafts, draft_len, draft_probs, rule, rng)
+
+
+def settle_round(state: loop.LoopState, target, cache, logits: jax.Array, drafts: jax.Array,
+                 draft_len: jax.Array, draft_probs: jax.Array | None, rule, rng: jax.Array
+                 ) -> loop.LoopState:
+    """Given the target's logits f32[B, gamma + 1, V] over [pending, drafts] and the cache
+    that computed them: the rule's accept decision, the commit, the target cache rewound to
+    the new lengths, and the round's stats."""
+    active = ~state.done
     n, out, counters = rule(rng, logits, drafts, draft_probs, draft_len)
     state, _ = loop.commit(state, out, n + 1)
     cache = target.rewind(cache, state.lengths - 1)

@@ -88,3 +88,15 @@ def reference_greedy(m, prompts: list[list[int]], max_new_tokens: int,
                 outs[b].append(int(t))
                 live[b] = eos_id is None or int(t) != eos_id
     return outs
+
+
+def adapter(target: Transformer, exit_layer: int = 1, noise: float = 0.1, seed: int = 3):
+    """An early-exit adapter for `target` with random weights on top of its (plain-exit)
+    initialisation, standing in for a trained one."""
+    from models.early_exit_adapter import EarlyExitAdapter
+    graph, state = nnx.split(EarlyExitAdapter.from_target(target, exit_layer))
+    leaves, tree = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(np.asarray(x) + noise * rng.standard_normal(x.shape).astype(np.float32))
+              for x in leaves]
+    return nnx.merge(graph, jax.tree.unflatten(tree, leaves))

@@ -5,7 +5,7 @@ import pytest
 from decoding import generate as generate_lib
 from decoding.generate import generate
 from decoding.sampling import SamplingConfig
-from decoding.speculative import FlyConfig, SpeculativeConfig
+from decoding.speculative import FlyConfig, SelfSpecConfig, SpeculativeConfig
 from tests.decoding import helpers
 
 
@@ -69,3 +69,14 @@ def test_bad_sampler_configs_name_the_value():
     assert set(generate_lib.SAMPLERS) >= {"greedy", "sample", "speculative",
                                           "speculative_greedy", "ngram", "ngram_greedy", "fly",
                                           "self_spec", "self_spec_greedy"}
+
+
+def test_self_speculation_takes_only_a_matching_adapter_as_its_draft():
+    m = helpers.model()
+    with pytest.raises(ValueError, match="takes an EarlyExitAdapter as its draft model, got "
+                                         "Transformer"):
+        generate(m, [[1, 2]], sampler="self_spec_greedy", draft_model=helpers.model(1))
+    with pytest.raises(ValueError, match="trained on exit_layer=1, but the sampler exits at "
+                                         "exit_layer=2"):
+        generate(m, [[1, 2]], sampler="self_spec_greedy", draft_model=helpers.adapter(m),
+                 config=SelfSpecConfig(exit_layer=2))

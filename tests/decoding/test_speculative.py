@@ -101,6 +101,22 @@ def test_self_speculative_greedy_equals_greedy_with_per_row_draft_lengths():
     assert s["target_calls"] < s["draft_calls"] <= config.gamma * s["target_calls"]
 
 
+def test_self_speculation_through_an_adapter_equals_greedy():
+    """Kangaroo proper: drafts through a (here random) adapter with its own cache, verified
+    from the exit states; the output is still the target's greedy decoding."""
+    m = helpers.model(0, head_scale=30.0)
+    config = SelfSpecConfig(exit_layer=1, gamma=4, threshold=0.4)
+    out = generate(m, PROMPTS, sampler="self_spec_greedy", config=config,
+                   draft_model=helpers.adapter(m, noise=0.01), max_new_tokens=MAX_NEW,
+                   eos_id=EOS)
+    assert out.tokens == _greedy(m)
+    s = out.stats
+    assert s["accepted"] > 0 and _varied_acceptance(s)
+    plain = generate(m, PROMPTS, sampler="self_spec_greedy", config=config,
+                     max_new_tokens=MAX_NEW, eos_id=EOS).stats
+    assert s["accepted_hist"] != plain["accepted_hist"]  # the adapter changed the drafts
+
+
 # ---------------------------------------------------------------- distribution (lossless)
 
 _PROMPT = [1, 2, 3]
@@ -163,3 +179,11 @@ def test_lossless_self_speculation_matches_the_target_distribution():
                              config=SelfSpecConfig(exit_layer=1, gamma=3, threshold=0.3))
     assert _p_value(counts, p) > 1e-3
     assert s["accepted"] > 0
+
+
+def test_lossless_self_speculation_through_an_adapter_matches_the_target_distribution():
+    target = helpers.model(0, vocab=_V, head_scale=10.0)
+    counts, p, s = _lossless(4000, sampler="self_spec", draft_model=helpers.adapter(target),
+                             config=SelfSpecConfig(exit_layer=1, gamma=3, threshold=0.3))
+    assert _p_value(counts, p) > 1e-3
+    assert 0 < s["accepted"] < s["drafted"]
