@@ -41,7 +41,8 @@ class _Spec:
     config_cls: type | None
 
 
-# name -> what the sampler needs. "_greedy" variants verify by exact argmax match.
+# name -> what the sampler needs. "_greedy" variants verify by exact argmax match; FLy's
+# default is greedy ("fly"), its T > 0 heuristic is "fly_sample".
 _SAMPLERS: dict[str, _Spec] = {
     "greedy": _Spec("none", False, None),
     "sample": _Spec("none", True, None),
@@ -50,6 +51,7 @@ _SAMPLERS: dict[str, _Spec] = {
     "ngram_greedy": _Spec("none", False, NgramConfig),
     "ngram": _Spec("none", True, NgramConfig),
     "fly": _Spec("required", False, FlyConfig),
+    "fly_sample": _Spec("required", True, FlyConfig),
     "self_spec_greedy": _Spec("optional", False, SelfSpecConfig),
     "self_spec": _Spec("optional", True, SelfSpecConfig),
 }
@@ -101,8 +103,8 @@ def make_sampler(name: str, target: nnx.GraphDef, draft: nnx.GraphDef | None = N
         return DraftModelSpeculative(target, draft, config, sampling)
     if name.startswith("ngram"):
         return NgramSpeculative(target, config, sampling)
-    if name == "fly":
-        return FlySpeculative(target, draft, config)
+    if name.startswith("fly"):
+        return FlySpeculative(target, draft, config, sampling)
     return SelfSpeculative(target, config, sampling, draft)
 
 

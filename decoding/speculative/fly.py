@@ -13,8 +13,10 @@ Two parts:
 
 With the window off (W = 0) the rule is exact greedy matching, so the sampler is greedy
 speculative decoding with a multi-level drafter and reproduces the target's greedy output.
-FLy samples at T > 0 with a heuristic that is not distribution-preserving; this sampler is
-greedy only.
+At T > 0 (sampler "fly_sample") FLy's code keeps drafting greedily at both drafter levels and
+loosens only the target's check: it draws `sample_times` = 2 tokens per slot, counts a slot
+as matched when either equals the draft, and corrects with the first draw; the window and the
+gate then act as at T = 0. This heuristic is not distribution-preserving.
 """
 from __future__ import annotations
 
@@ -42,12 +44,15 @@ class FlyConfig:
     use_ngram: bool = True
     max_ngram: int = 4
     ngram_tokens: int = 6
+    sample_times: int = 2  # target draws per slot at T > 0 (FLy's sample_times)
 
     def __post_init__(self):
         if self.gamma < 1:
             raise ValueError(f"gamma={self.gamma} must be at least 1")
         if self.window < 0:
             raise ValueError(f"window={self.window} must be >= 0 (0 turns the window off)")
+        if self.sample_times < 1:
+            raise ValueError(f"sample_times={self.sample_times} must be at least 1")
         if self.use_ngram and (self.max_ngram < 1 or self.ngram_tokens < 1):
             raise ValueError(f"max_ngram={self.max_ngram} and ngram_tokens={self.ngram_tokens} "
                              "must be at least 1 when use_ngram=True")
@@ -104,10 +109,12 @@ def multilevel_draft(draft, cache, seq: jax.Array, seq_len: jax.Array, *, gamma:
 
 @dataclasses.dataclass(frozen=True)
 class FlySpeculative(DraftAndVerify):
-    """FLy on the shared loop: multi-level drafting, FLy verification (greedy)."""
+    """FLy on the shared loop: multi-level greedy drafting, FLy verification (against the
+    target's argmax, or against its samples when `sampling` is given)."""
     target: nnx.GraphDef
     draft: nnx.GraphDef
     config: FlyConfig
+    sampling: sampling.SamplingConfig | None = None
 
     @property
     def cache_slack(self) -> int:
@@ -117,7 +124,8 @@ class FlySpeculative(DraftAndVerify):
     @property
     def rule(self) -> rules.FlyRule:
         return rules.FlyRule(window=self.config.window,
-                             entropy_threshold=self.config.entropy_threshold)
+                             entropy_threshold=self.config.entropy_threshold,
+                             sampling=self.sampling, sample_times=self.config.sample_times)
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         target = nnx.merge(self.target, weights["target"])
@@ -132,4 +140,6 @@ class FlySpeculative(DraftAndVerify):
         state = state.replace(caches={**state.caches, "draft": draft_cache})
         state = verify.add_draft_calls(state, calls)
         gamma_b = jnp.full(state.lengths.shape, c.gamma, jnp.int32)
-        return verify.verify_round(state, target, drafts, gamma_b, None, self.rule, state.rng)
+        rng, key_rule = jax.random.split(state.rng)
+        return verify.verify_round(state.replace(rng=rng), target, drafts, gamma_b, None,
+                                   self.rule, key_rule)

@@ -15,10 +15,11 @@ can draft different numbers of tokens.
                 p (Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318). A draft
                 without a distribution (n-gram) is a one-hot q, which makes the residual
                 "p with the draft token removed", as in vLLM's n-gram path.
-  FlyRule       FLy's loosened greedy match (arXiv 2511.22972; AMD-AGI/FLy `FLy.py`): a
-                mismatch is still accepted when the next W-1 drafts all match the target
-                (deferred window), unless the target's top-3 entropy there is below theta
-                (entropy gate). Not lossless.
+  FlyRule       FLy's loosened match (arXiv 2511.22972; AMD-AGI/FLy `FLy.py`): a mismatch
+                is still accepted when the next W-1 drafts all match the target (deferred
+                window), unless the target's top-3 entropy there is below theta (entropy
+                gate); greedy, or against a few target samples per slot at T > 0. Not
+                lossless.
 """
 from __future__ import annotations
 
@@ -106,27 +107,46 @@ def top_k_entropy(logits: jax.Array, k: int = 3) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class FlyRule:
-    """FLy's loosely speculative greedy verification.
+    """FLy's loosely speculative verification.
 
     window (W): a mismatch at slot i is rescued when slots i+1..i+W-1 all match and slot i+W
         still holds a draft (FLy's code un-rescues the last W slots). W = 0 turns the window
-        off, which leaves exact greedy matching; W = 1 rescues every mismatch but the last.
+        off, which leaves exact matching; W = 1 rescues every mismatch but the last.
     entropy_threshold (theta, nats): a mismatch where the target's top-3 entropy is below theta
-        (the target is near-certain) is never rescued; theta <= 0 turns the gate off.
+        (the target is near-certain) is never rescued; theta <= 0 turns the gate off. The
+        entropy is of the raw logits, whatever the sampling temperature, as in FLy's code.
+    sampling: None verifies against the target's argmax (FLy's T = 0). Otherwise FLy's T > 0
+        heuristic (`_batch_verification`): the target draws `sample_times` tokens per slot from
+        the processed distribution, a slot matches when any of them equals the draft, and the
+        correction (or bonus) token is the first draw. Not distribution-preserving.
     Counters: draft-slot mismatches (FLy's `InitialMismatch`) and the rescued mismatches that
-    were accepted, i.e. committed draft tokens that differ from the target's argmax (FLy's
-    `FLyAccepted` also counts rescues past the first rejection; ours do not).
+    were accepted, i.e. committed draft tokens the target did not produce (FLy's `FLyAccepted`
+    also counts rescues past the first rejection; ours do not).
     """
     window: int = 6
     entropy_threshold: float = 0.3
+    sampling: sampling.SamplingConfig | None = None
+    sample_times: int = 2
     counter_names: tuple[str, ...] = ("mismatches", "rescued")
 
+    def _target_tokens(self, rng, logits, drafts):
+        """The target's tokens int32[B, gamma+1] (what slot n emits) and which drafts they
+        match bool[B, gamma]."""
+        if self.sampling is None:
+            target = sampling.greedy(logits)
+            return target, drafts == target[:, :-1]
+        log_p = jnp.log(sampling.probs(logits, self.sampling))
+        draws = jax.random.categorical(rng, log_p, axis=-1,
+                                       shape=(self.sample_times,) + log_p.shape[:-1])
+        draws = draws.astype(jnp.int32)                                   # [S, B, gamma+1]
+        return draws[0], jnp.any(draws[:, :, :-1] == drafts[None], axis=0)
+
     def __call__(self, rng, logits, drafts, draft_probs, draft_len):
-        del rng, draft_probs
+        del draft_probs
         gamma = drafts.shape[1]
-        target = sampling.greedy(logits)
+        target, match = self._target_tokens(rng, logits, drafts)
         slots = _slots(drafts, draft_len)
-        match = (drafts == target[:, :-1]) & slots
+        match = match & slots
         rescued = jnp.zeros_like(match)
         if self.window >= 1:
             follow = jnp.ones_like(match)
@@ -142,6 +162,6 @@ class FlyRule:
         counters = {"mismatches": jnp.sum(slots & ~match, axis=1),
                     "rescued": jnp.sum(rescued & accepted, axis=1)}
         # Accepted slots keep the DRAFT token (a rescued mismatch included); slot n gets the
-        # target's argmax, computed conditioned on the accepted drafts.
+        # target's token, computed conditioned on the accepted drafts.
         last = jnp.take_along_axis(target, n[:, None], axis=1)[:, 0]
         return n, _emit(drafts, n, last), counters

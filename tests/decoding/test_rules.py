@@ -133,6 +133,26 @@ def test_fly_with_the_window_off_is_exact_greedy_matching():
         assert n == (pattern.index(0) if 0 in pattern else len(pattern))
 
 
+@pytest.mark.parametrize("sample_times", [1, 2, 3])
+def test_fly_at_temperature_matches_a_draft_any_of_the_target_draws_equal(sample_times):
+    """FLy's T > 0 check: one draft d with target probability P[d] is accepted with
+    probability 1 - (1 - P[d])^sample_times, and the token emitted after a rejection is the
+    first draw, i.e. P conditioned on that draw not being d."""
+    rows, d = 20000, 3
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(P)), (rows, 2, P.size))
+    rule = rules.FlyRule(window=0, sampling=SamplingConfig(), sample_times=sample_times)
+    n, out, counters = _apply(rule, jax.random.key(sample_times), logits,
+                              jnp.full((rows, 1), d, jnp.int32), None,
+                              jnp.ones((rows,), jnp.int32))
+    n, out = np.asarray(n), np.asarray(out)
+    expected = 1 - (1 - P[d]) ** sample_times
+    assert abs(n.mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / rows)
+    assert int(counters["mismatches"].sum()) == int((n == 0).sum())
+    corrections = np.bincount(out[n == 0, 0], minlength=P.size)
+    assert corrections[d] == 0
+    assert _p_value(np.delete(corrections, d), np.delete(P, d)) > 1e-3
+
+
 def test_top_k_entropy_uses_full_vocabulary_probabilities():
     logits = jnp.log(jnp.array([0.5, 0.2, 0.2, 0.1]))
     expected = -sum(p * np.log(p) for p in (0.5, 0.2, 0.2))

@@ -86,6 +86,21 @@ def test_fly_deviates_from_greedy_only_where_it_rescued_a_mismatch():
     assert out.stats["tokens_per_target_call"] > 1.0
 
 
+def test_fly_sampling_with_a_one_token_support_is_greedy_fly():
+    """fly_sample draws from the target's processed distribution; with top_k = 1 every draw
+    is the argmax, so it must commit exactly what greedy FLy commits, and it runs the same
+    drafts (so the same rounds)."""
+    m, draft = helpers.model(), helpers.noisy_copy(noise=0.3)
+    config = FlyConfig(window=2, entropy_threshold=0.0)
+    greedy_fly = generate(m, PROMPTS, sampler="fly", draft_model=draft, config=config,
+                          max_new_tokens=MAX_NEW, eos_id=EOS)
+    sampled = generate(m, PROMPTS, sampler="fly_sample", draft_model=draft, config=config,
+                       sampling=SamplingConfig(temperature=0.7, top_k=1),
+                       max_new_tokens=MAX_NEW, eos_id=EOS, seed=3)
+    assert sampled.tokens == greedy_fly.tokens
+    assert sampled.stats["accepted_hist"] == greedy_fly.stats["accepted_hist"]
+
+
 def test_self_speculative_greedy_equals_greedy_with_per_row_draft_lengths():
     # A sharper head spreads the early exit's confidence around the threshold, so rows stop
     # drafting at different lengths; the argmax (and the greedy output) does not change.
