@@ -3,7 +3,7 @@ speculative family: Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.
 lookup; FLy, arXiv 2511.22972; Kangaroo-style self-speculation, arXiv 2404.18911).
 
     python -m experiments.generate --workdir=DIR --prompt='def fib(n):' \
-        [--sampler=greedy] [--draft_workdir=DIR] [--max_new_tokens=128] \
+        [--sampler=greedy] [--draft_workdir=DIR | --adapter_dir=DIR] [--max_new_tokens=128] \
         [--temperature=0.8 --top_k=40 --top_p=0.95] [--gamma=4] \
         [--gin_bindings='FlyConfig.window = 4'] [--seed=0] [--step=N]
 
@@ -34,6 +34,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("sampler", "greedy", "Sampler name (decoding.generate.SAMPLERS).",
                         flag_values=fv)
     flags.DEFINE_string("draft_workdir", None, "Workdir of the draft model (speculative, fly).",
+                        flag_values=fv)
+    flags.DEFINE_string("adapter_dir", None,
+                        "A trained early-exit adapter of the target (self_spec samplers; "
+                        "train one with `python -m experiments.train_adapter`).",
                         flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", flag_values=fv)
     flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.", flag_values=fv)
@@ -81,7 +85,8 @@ def sampler_configs(sampler: str, *, temperature: float | None = None,
 
 
 def decode_text(workdir: str, prompt: str, *, sampler: str = "greedy",
-                draft_workdir: str | None = None, max_new_tokens: int = 128,
+                draft_workdir: str | None = None, adapter_dir: str | None = None,
+                max_new_tokens: int = 128,
                 temperature: float | None = None, top_k: int | None = None,
                 top_p: float | None = None, gamma: int | None = None, seed: int = 0,
                 step: int | None = None,
@@ -104,7 +109,13 @@ def decode_text(workdir: str, prompt: str, *, sampler: str = "greedy",
     if model.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model in {workdir!r} has vocab_size={model.vocab_size}, fewer than "
                          f"the byte tokenizer's {tokenizer.vocab_size} ids")
+    if draft_workdir and adapter_dir:
+        raise ValueError(f"give a draft model (draft_workdir={draft_workdir!r}) or an "
+                         f"early-exit adapter (adapter_dir={adapter_dir!r}), not both")
     draft = restore(draft_workdir, None)[0] if draft_workdir else None
+    if adapter_dir:
+        from train.adapter_distill import load_adapter
+        draft = load_adapter(adapter_dir, model)
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
     start = time.perf_counter()
     out = generate(model, [ids], sampler=sampler, max_new_tokens=max_new_tokens, seed=seed,
@@ -112,6 +123,7 @@ def decode_text(workdir: str, prompt: str, *, sampler: str = "greedy",
                    eos_id=tokenizer.eos_id)
     seconds = time.perf_counter() - start
     stats = {"workdir": workdir, "model": model_name, "draft_workdir": draft_workdir,
+             "adapter_dir": adapter_dir,
              "prompt_tokens": len(ids), "seconds_incl_compile": seconds, **out.stats}
     return tokenizer.decode(out.tokens[0]), stats
 
@@ -130,6 +142,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
         gin_config.parse(fv.gin_file, fv.gin_bindings)
     text, stats = decode_text(
         fv.workdir, fv.prompt, sampler=fv.sampler, draft_workdir=fv.draft_workdir,
+        adapter_dir=fv.adapter_dir,
         max_new_tokens=fv.max_new_tokens, temperature=fv.temperature, top_k=fv.top_k,
         top_p=fv.top_p, gamma=fv.gamma, seed=fv.seed, step=fv.step)
     print(fv.prompt + text)

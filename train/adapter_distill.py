@@ -173,3 +173,25 @@ def load_adapter(directory: str | os.PathLike, target: Transformer) -> EarlyExit
         restored = ckpt.restore(os.path.join(directory, "params"), abstract)
     nnx.update(adapter, restored)
     return adapter
+
+
+def distill_workdir(target_workdir: str | os.PathLike, out_dir: str | os.PathLike,
+                    config: AdapterTrainConfig, *, data_config=None, eval_batches: int = 8,
+                    log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Trains an adapter for the newest checkpoint in target_workdir on the training split of
+    `data_config` (default: the embedded corpus, 8 x 256 tokens a batch), saves it to out_dir
+    and returns held-out metrics of the plain early exit ("before") and of the adapter
+    ("after") on the first `eval_batches` validation batches."""
+    from train import data as data_lib
+    from train.checkpoint import restore_model
+
+    target = restore_model(target_workdir)[0]
+    data_config = data_config or data_lib.DataConfig(seed=config.seed)
+    held_out = list(data_lib.eval_batches(data_config, max_batches=eval_batches))
+    before = evaluate(EarlyExitAdapter.from_target(target, config.exit_layer), target,
+                      held_out)
+    adapter = train_adapter(target, data_lib.make_iterator(data_config), config, log=log)
+    after = evaluate(adapter, target, held_out)
+    save_adapter(adapter, out_dir)
+    return {"exit_layer": config.exit_layer, "steps": config.steps, "before": before,
+            "after": after}

@@ -44,3 +44,20 @@ def test_main_prints_the_continuation_and_a_json_stats_line(monkeypatch, capsys)
     assert lines[0].startswith("ab")
     assert stats["sampler"] == "greedy" and stats["workdir"] == "somewhere"
     assert stats["prompt_tokens"] == 3 and stats["new_tokens"][0] <= 3
+
+
+def test_self_speculation_decodes_through_a_saved_adapter(tmp_path):
+    from train.adapter_distill import save_adapter
+
+    model = registry.construct(Transformer, helpers.config(vocab=260), seed=0)
+    save_adapter(helpers.adapter(model, noise=0.01), tmp_path / "adapter")
+    restore = lambda workdir, step=None: (model, "transformer", model.config)  # noqa: E731
+    text, stats = cli.decode_text("somewhere", "ab", sampler="self_spec_greedy",
+                                  adapter_dir=str(tmp_path / "adapter"), max_new_tokens=6,
+                                  restore=restore)
+    plain, _ = cli.decode_text("somewhere", "ab", max_new_tokens=6, restore=restore)
+    assert text == plain  # greedy self-speculation is lossless
+    assert stats["adapter_dir"] == str(tmp_path / "adapter") and stats["target_calls"] > 0
+    with pytest.raises(ValueError, match="not both"):
+        cli.decode_text("somewhere", "ab", sampler="self_spec_greedy", draft_workdir="x",
+                        adapter_dir=str(tmp_path / "adapter"), restore=restore)
