@@ -20,18 +20,19 @@ processes falls on all of them alike.
 
 Reading the numbers on CPU. Speculative decoding pays when a (gamma+1)-token verification
 costs about what a 1-token step costs, i.e. when decoding is bound by reading the weights. On
-a 2-core CPU with these few-MB models it is not: XLA runs the batch-1, 1-token step as
-matrix-vector products and a 5-token verification as matrix-matrix products several times
-slower (measured: 0.39 ms vs 1.8 ms for target_small), so at batch 1 the speedup stays near
-1 however many tokens a target call yields; at --batch_size 4 plain decoding already pays
-the matrix-matrix price and the same acceptance turns into a speedup.
+a 2-core CPU it is not: XLA's matrix products run at a roughly fixed arithmetic rate here, so
+scoring k tokens costs several 1-token steps (`python -m experiments.bench.verify_cost`
+measures the ratio), and a sampler must commit more tokens per target call than that ratio,
+plus its drafting cost, before it beats plain decoding.
 
 prints one JSON line per result: `speedup` (wall time of plain decoding / the sampler's; plain
-greedy for the greedy samplers, plain sampling at the same temperature for `lossless`) and
-`tokens_per_target_call` for cases greedy, lossless, ngram, fly, self_spec; `agreement` (share
-of the target's greedy tokens reproduced before the first divergence) for each; and
-`accuracy_retained` for fly: exact match of the first generated line with the file's real
-next line, FLy's accuracy over the target's.
+greedy for the greedy samplers, plain sampling at the same temperature for `lossless` and
+`fly_sample`) and `tokens_per_target_call` for every case in CASES; `agreement` (share of the
+target's greedy tokens reproduced before the first divergence) for each; for
+`self_spec_adapter`, when it trains the adapter, `draft_top1_agreement` of the early exit
+before and after distillation; and `accuracy_retained` for fly: exact match of the first
+generated line with the file's real next line, FLy's accuracy over the target's (None while
+the target gets no line right), with the byte-prefix match as a softer reading.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ BENCH = "speculative"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 DEFAULT_ROOT = os.path.join("workdirs", "bench_speculative")
 GOALS = {("speedup", "greedy"): 2.0, ("accuracy_retained", "fly"): 0.99}
+CASES = ("greedy", "lossless", "ngram", "fly", "fly_sample", "self_spec", "self_spec_adapter")
 
 
 def ensure_trained(workdir: str, gin_file: str) -> None:
@@ -70,6 +72,25 @@ def ensure_trained(workdir: str, gin_file: str) -> None:
         finally:
             ckpt.close()
     pipeline.run(workdir, progress=False)
+
+
+def ensure_adapter(args: argparse.Namespace, target):
+    """The target's trained early-exit adapter for args.exit_layer (Kangaroo), distilled into
+    <target_workdir>/adapter_l<exit_layer> first unless it is there; prints its held-out
+    draft quality before and after training when it trains."""
+    from train import adapter_distill
+
+    out_dir = os.path.join(args.target_workdir, f"adapter_l{args.exit_layer}")
+    if not os.path.isfile(os.path.join(out_dir, adapter_distill.META_FILE)):
+        if args.no_train:
+            raise ValueError(f"no adapter in {out_dir!r} and --no_train was given")
+        config = adapter_distill.AdapterTrainConfig(exit_layer=args.exit_layer,
+                                                    steps=args.adapter_steps)
+        summary = adapter_distill.distill_workdir(args.target_workdir, out_dir, config)
+        for when in ("before", "after"):
+            _line("self_spec_adapter", "draft_top1_agreement", summary[when]["top1_agreement"],
+                  when=when, **summary[when], exit_layer=args.exit_layer, steps=config.steps)
+    return adapter_distill.load_adapter(out_dir, target)
 
 
 def cut_prompts(documents: list[str], num_prompts: int, prompt_bytes: int,
@@ -146,6 +167,7 @@ def run(args: argparse.Namespace) -> None:
         ensure_trained(args.target_workdir, os.path.join(CONFIG_DIR, "target_small.gin"))
     target, _, target_config = restore_model(args.target_workdir)
     draft, _, draft_config = restore_model(args.draft_workdir)
+    adapter = ensure_adapter(args, target)
     tokenizer = make_tokenizer("byte")
 
     source = load_text_source("python_stdlib", "validation")
@@ -164,10 +186,14 @@ def run(args: argparse.Namespace) -> None:
                      "config": SpeculativeConfig(gamma=args.gamma), "seed": 1},
         "ngram": {"sampler": "ngram_greedy", "config": NgramConfig()},
         "fly": {"sampler": "fly", "draft_model": draft, "config": FlyConfig()},
+        "fly_sample": {"sampler": "fly_sample", "draft_model": draft, "sampling": sampling,
+                       "config": FlyConfig(), "seed": 1},
         "self_spec": {"sampler": "self_spec_greedy",
                       "config": SelfSpecConfig(exit_layer=args.exit_layer)},
+        "self_spec_adapter": {"sampler": "self_spec_greedy", "draft_model": adapter,
+                              "config": SelfSpecConfig(exit_layer=args.exit_layer)},
     }
-    baseline = {"lossless": "plain_sample"}
+    baseline = {"lossless": "plain_sample", "fly_sample": "plain_sample"}
 
     if len(prompts) % args.batch_size:
         raise ValueError(f"num_prompts={len(prompts)} is not a multiple of "
@@ -201,7 +227,7 @@ def run(args: argparse.Namespace) -> None:
                "num_prompts": len(prompts), "batch_size": args.batch_size,
                "prompt_tokens": len(prompts[0]),
                "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
-    for case in ("greedy", "lossless", "ngram", "fly", "self_spec"):
+    for case in CASES:
         outs, stats = results[case]
         base = baseline.get(case, "plain_greedy")
         seconds, base_seconds = min(times[case]), min(times[base])
@@ -250,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--exit_layer", type=int, default=2,
                         help="self_spec: blocks the early-exit draft runs")
+    parser.add_argument("--adapter_steps", type=int, default=300,
+                        help="self_spec_adapter: distillation steps when no adapter exists")
     parser.add_argument("--repeats", type=int, default=2)
     run(parser.parse_args(argv))
 

@@ -1,0 +1,102 @@
+"""What a speculative verification costs against one decoding step, on this machine.
+
+Speculative decoding (Leviathan et al., arXiv 2211.17192) pays when scoring gamma + 1 tokens
+in one target call costs about what scoring one token costs, i.e. when a decode step is bound
+by reading the weights rather than by arithmetic. This bench times, at batch 1 after a
+112-token prompt, one jitted `extend` of 1 token and of gamma + 1 tokens on the same cache,
+and reports their ratio: the number of plain decoding steps one verification is worth. The
+ideal is 1; a sampler whose rounds commit t tokens per target call can beat plain decoding
+only if t exceeds this ratio plus its drafting cost in the same units.
+
+Cases: the speculative bench's target shape (experiments/configs/target_small.gin, 3M
+parameters) and the decode bench's ~100M-parameter shape, both randomly initialised (the
+weights' values do not change the cost), at gamma 4 (greedy speculative decoding) and 15
+(FLy's spd_k).
+
+    python -m experiments.bench.verify_cost [--gammas 4,15] [--repeats 200]
+
+prints one JSON line per (model, gamma): metric `verify_cost_ratio`, with the two times.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import registry
+from models.transformer import Transformer, TransformerConfig
+
+PROMPT_TOKENS = 112
+MODELS: dict[str, TransformerConfig] = {
+    "target_small": TransformerConfig(vocab_size=260, d_model=256, n_layers=4, n_heads=4,
+                                      n_kv_heads=2),
+    "100m": TransformerConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
+                              n_kv_heads=4, tie_embeddings=True),
+}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _extend(graph, weights, tokens, cache):
+    logits, cache = nnx.merge(graph, weights).extend(tokens, cache)
+    return logits[:, -1], cache.lengths
+
+
+def _seconds_per_call(graph, weights, tokens, cache, repeats: int) -> float:
+    """Best-of-3 mean wall time of one extend of `tokens` on `cache` (the cache is not
+    donated, so every call starts from the same state)."""
+    jax.block_until_ready(_extend(graph, weights, tokens, cache))  # compile
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = _extend(graph, weights, tokens, cache)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+def measure(config: TransformerConfig, gammas: list[int], repeats: int) -> list[dict]:
+    model = registry.construct(Transformer, config, seed=0)
+    graph, weights = nnx.split(model)
+    prompt = jax.random.randint(jax.random.key(0), (1, PROMPT_TOKENS), 0, config.vocab_size)
+    cache = model.init_cache(1, 256)
+    _, cache = jax.jit(lambda w, t, c: nnx.merge(graph, w).extend(t, c))(weights, prompt,
+                                                                          cache)
+    one = _seconds_per_call(graph, weights, prompt[:, :1], cache, repeats)
+    rows = []
+    for gamma in gammas:
+        chunk = jnp.tile(prompt[:, :1], (1, gamma + 1))
+        many = _seconds_per_call(graph, weights, chunk, cache, repeats)
+        rows.append({"gamma": gamma, "one_token_ms": one * 1e3, "verify_ms": many * 1e3,
+                     "value": many / one, "num_params": model.num_params()})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--gammas", default="4,15")
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    gammas = [int(g) for g in args.gammas.split(",")]
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")
+        repeats = args.repeats if name == "target_small" else max(args.repeats // 20, 3)
+        for row in measure(MODELS[name], gammas, repeats):
+            print(json.dumps({
+                "bench": "verify_cost", "case": f"{name}_gamma{row['gamma']}",
+                "metric": "verify_cost_ratio", **row, "machine": platform.machine(),
+                "cpus": os.cpu_count(), "load_avg": os.getloadavg()[0],
+                "backend": jax.default_backend()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
