@@ -24,3 +24,15 @@ def test_first_line_agreement_and_prefix_match():
     assert bench.first_line([256] + list(b"abc")) == b"abc"     # specials carry no bytes
     assert bench.agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5   # stops at the divergence
     assert bench.agreement([1, 2], [1, 2, 3]) == 1.0
+
+
+def test_verify_cost_times_both_calls_on_a_tiny_model():
+    from experiments.bench import verify_cost
+    from tests.decoding import helpers
+
+    rows = verify_cost.measure(helpers.config(vocab=64), [2, 3], repeats=2)
+    assert [r["gamma"] for r in rows] == [2, 3]
+    assert all(r["one_token_ms"] > 0 and r["verify_ms"] > 0 for r in rows)
+    assert all(abs(r["value"] - r["verify_ms"] / r["one_token_ms"]) < 1e-9 for r in rows)
+    with pytest.raises(ValueError, match="unknown model 'huge'"):
+        verify_cost.main(["--models", "huge"])
