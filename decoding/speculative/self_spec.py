@@ -16,7 +16,8 @@ layers' cache entries for it, so the round's one verification call runs only the
 draft (the only token drafting never fed). The target cache then holds exactly what plain
 decoding would; entries past the accepted prefix are rewound as in every round. The adapter
 keeps its own cache, rewound to the same length; the shallow step for the last draft also
-writes the adapter's entry for it, so an all-accepted round needs no catch-up.
+writes the adapter's entry for it, so an all-accepted round needs no catch-up. Stats count the
+drafting calls as `draft_calls`; that extra shallow step is part of the verification.
 """
 from __future__ import annotations
 
