@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from models import registry
+from models.core.attention import attention_prefixes, masked_attention, single_query_attention
 from models.transformer import Transformer, TransformerConfig
 from tests import tolerances
 
@@ -183,3 +184,31 @@ def test_hidden_at_and_project_to_vocab_compose_to_the_forward():
     _assert_close(model.project_to_vocab(model.final_norm(hidden)), _forward(model, tokens))
     with pytest.raises(ValueError, match="start_layer=3"):
         model.extend_from(hidden, model.init_cache(2, 8), start_layer=3)
+
+
+def test_decode_attention_over_cache_prefixes_matches_the_full_forward():
+    """Decoding attends over the smallest power-of-two cache prefix holding the longest row;
+    crossing 64 and 128 on the way (ragged rows, single-query and chunked steps) must change
+    nothing."""
+    assert attention_prefixes(256) == (64, 128, 256)
+    assert attention_prefixes(200) == (64, 128, 200) and attention_prefixes(40) == (40,)
+    model = _model()
+    tokens = _tokens(2, 140)
+    expected = _forward(model, tokens)
+    cache = model.init_cache(2, 256)
+    got = []
+    for lo, hi in [(0, 60), (60, 61), (61, 66), (66, 67), (67, 129), (129, 130), (130, 140)]:
+        logits, cache = _extend(model, tokens[:, lo:hi], cache)
+        got.append(logits)
+    _assert_close(jnp.concatenate(got, axis=1), expected)
+
+
+def test_single_query_attention_equals_masked_attention():
+    key = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(key[0], (3, 1, 6, 16))
+    k = jax.random.normal(key[1], (3, 40, 2, 16))
+    v = jax.random.normal(key[2], (3, 40, 2, 16))
+    mask = jax.random.bernoulli(key[3], 0.7, (3, 6, 1, 40)).at[..., 0].set(True)
+    _assert_close(single_query_attention(q, k, v, mask), masked_attention(q, k, v, mask))
+    with pytest.raises(ValueError, match="S=2"):
+        single_query_attention(jnp.zeros((3, 2, 6, 16)), k, v, mask)
