@@ -143,12 +143,19 @@ class Transformer(nnx.Module):
                   positions: jax.Array | None = None) -> jax.Array:
         """The residual stream [B, T, d] after the first `layer` blocks (training-time view of
         an early exit; what an early-exit adapter is trained on)."""
-        self._check_layer("layer", layer, low=0)
+        return self.hidden_from(self.embed(tokens), 0, layer, segment_ids=segment_ids,
+                                positions=positions)
+
+    def hidden_from(self, x: jax.Array, start: int, stop: int, *,
+                    segment_ids: jax.Array | None = None,
+                    positions: jax.Array | None = None) -> jax.Array:
+        """Blocks [start, stop) on residual states x [B, T, d] (full-sequence, no cache), so a
+        caller holding an early exit's states can finish the forward without redoing it."""
+        self._check_layer("start", start, low=0)
+        self._check_layer("stop", stop, low=start)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
-                                         tokens.shape)
-        x = self.embed(tokens)
-        for block in self.blocks[:layer]:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        for block in self.blocks[start:stop]:
             x = block(x, positions, segment_ids)
         return x
 

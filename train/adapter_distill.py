@@ -66,8 +66,10 @@ def distill_terms(adapter: EarlyExitAdapter, target: Transformer, batch: Batch
     kwargs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
     hidden = jax.lax.stop_gradient(
         target.hidden_at(batch["inputs"], adapter.exit_layer, **kwargs))
-    p_target = jax.lax.stop_gradient(
-        jax.nn.softmax(target(batch["inputs"], **kwargs).logits, axis=-1))
+    # The target's own distribution continues from the exit states rather than rerunning
+    # the shallow blocks.
+    final = target.hidden_from(hidden, adapter.exit_layer, target.config.n_layers, **kwargs)
+    p_target = jax.lax.stop_gradient(jax.nn.softmax(target.logits(final), axis=-1))
     log_q = jax.nn.log_softmax(adapter.logits(hidden, target, **kwargs), axis=-1)
     mask = batch["loss_mask"].astype(jnp.float32)
     soft_ce = -jnp.sum(p_target * log_q, axis=-1)

@@ -182,6 +182,8 @@ def test_hidden_at_and_project_to_vocab_compose_to_the_forward():
     tokens = _tokens(2, 7)
     hidden = nnx.jit(lambda m, t: m.hidden_at(t, CONFIG.n_layers))(model, tokens)
     _assert_close(model.project_to_vocab(model.final_norm(hidden)), _forward(model, tokens))
+    resumed = model.hidden_from(model.hidden_at(tokens, 1), 1, CONFIG.n_layers)
+    _assert_close(resumed, hidden)
     with pytest.raises(ValueError, match="start_layer=3"):
         model.extend_from(hidden, model.init_cache(2, 8), start_layer=3)
 
