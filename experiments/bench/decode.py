@@ -41,17 +41,11 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoding.generate import generate
+from experiments.bench.sizes import DECODE_SIZES
 from models import convert_hf, registry
 from models.transformer import Transformer, TransformerConfig
 
-SIZES: dict[str, TransformerConfig] = {
-    # The repo's tiny baseline shape: byte vocabulary, where per-step overhead dominates.
-    "tiny": TransformerConfig(vocab_size=260, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2),
-    # ~100.1M parameters: Llama-style GQA (12 query heads over 4 kv heads), SwiGLU width 2048,
-    # a 32000-token vocabulary with a tied head.
-    "100m": TransformerConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
-                              n_kv_heads=4, tie_embeddings=True),
-}
+SIZES = DECODE_SIZES
 GOALS = {("speedup_vs_hf", "tiny"): 3.0, ("speedup_vs_hf", "100m"): 1.5,
          ("bandwidth_fraction", "100m"): 0.5}
 

@@ -30,16 +30,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.bench.sizes import DECODE_SIZES, gin_model_config
 from models import registry
 from models.transformer import Transformer, TransformerConfig
 
 PROMPT_TOKENS = 112
-MODELS: dict[str, TransformerConfig] = {
-    "target_small": TransformerConfig(vocab_size=260, d_model=256, n_layers=4, n_heads=4,
-                                      n_kv_heads=2),
-    "100m": TransformerConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
-                              n_kv_heads=4, tie_embeddings=True),
-}
+MODELS = ("target_small", "100m")
+
+
+def model_config(name: str) -> TransformerConfig:
+    if name == "target_small":
+        return gin_model_config("target_small.gin")
+    if name in DECODE_SIZES:
+        return DECODE_SIZES[name]
+    raise ValueError(f"unknown model {name!r}; valid: {list(MODELS)}")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -87,10 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     gammas = [int(g) for g in args.gammas.split(",")]
     for name in args.models.split(","):
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")
+        config = model_config(name)
         repeats = args.repeats if name == "target_small" else max(args.repeats // 20, 3)
-        for row in measure(MODELS[name], gammas, repeats):
+        for row in measure(config, gammas, repeats):
             print(json.dumps({
                 "bench": "verify_cost", "case": f"{name}_gamma{row['gamma']}",
                 "metric": "verify_cost_ratio", **row, "machine": platform.machine(),
