@@ -52,12 +52,20 @@ def noisy_copy(seed: int = 0, noise: float = 0.3, noise_seed: int = 1) -> Transf
 
 @functools.cache
 def _noisy_copy(seed: int, noise: float, noise_seed: int) -> Transformer:
-    graph, state = nnx.split(model(seed))
+    return perturbed(model(seed), noise, noise_seed, relative=True)
+
+
+def perturbed(module: nnx.Module, noise: float, seed: int, *, relative: bool = False):
+    """A copy of `module` with Gaussian noise on every weight: `noise` times each weight's
+    std when relative, else absolute. Edited on the host (eager jax ops would each compile)."""
+    graph, state = nnx.split(module)
     leaves, tree = jax.tree.flatten(state)
-    rng = np.random.default_rng(noise_seed)
-    noisy = [np.asarray(x) for x in leaves]
-    noisy = [jnp.asarray(x + np.float32(noise) * x.std()
-                         * rng.standard_normal(x.shape).astype(x.dtype)) for x in noisy]
+    rng = np.random.default_rng(seed)
+    noisy = []
+    for x in leaves:
+        x = np.asarray(x)
+        scale = np.float32(noise) * (x.std() if relative else np.float32(1.0))
+        noisy.append(jnp.asarray(x + scale * rng.standard_normal(x.shape).astype(x.dtype)))
     return nnx.merge(graph, jax.tree.unflatten(tree, noisy))
 
 
@@ -94,9 +102,4 @@ def adapter(target: Transformer, exit_layer: int = 1, noise: float = 0.1, seed: 
     """An early-exit adapter for `target` with random weights on top of its (plain-exit)
     initialisation, standing in for a trained one."""
     from models.early_exit_adapter import EarlyExitAdapter
-    graph, state = nnx.split(EarlyExitAdapter.from_target(target, exit_layer))
-    leaves, tree = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    leaves = [jnp.asarray(np.asarray(x) + noise * rng.standard_normal(x.shape).astype(np.float32))
-              for x in leaves]
-    return nnx.merge(graph, jax.tree.unflatten(tree, leaves))
+    return perturbed(EarlyExitAdapter.from_target(target, exit_layer), noise, seed)

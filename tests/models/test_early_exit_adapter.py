@@ -13,6 +13,7 @@ from models import registry
 from models.early_exit_adapter import AdapterConfig, EarlyExitAdapter
 from models.transformer import Transformer, TransformerConfig
 from tests import tolerances
+from tests.decoding import helpers
 
 CONFIG = TransformerConfig(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2)
 
@@ -32,17 +33,6 @@ def tokens() -> jax.Array:
     return jax.random.randint(jax.random.key(1), (2, 9), 0, CONFIG.vocab_size)
 
 
-def _trained_looking(adapter: EarlyExitAdapter) -> EarlyExitAdapter:
-    """The adapter with random weights everywhere (a zero output projection would hide any
-    error in its attention path)."""
-    graph, state = nnx.split(adapter)
-    leaves, tree = jax.tree.flatten(state)
-    rng = np.random.default_rng(3)
-    leaves = [jnp.asarray(np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32))
-              for x in leaves]
-    return nnx.merge(graph, jax.tree.unflatten(tree, leaves))
-
-
 def test_a_fresh_adapter_drafts_exactly_like_the_plain_early_exit(target, tokens):
     adapter = EarlyExitAdapter.from_target(target, exit_layer=1)
     hidden = target.hidden_at(tokens, 1)
@@ -50,7 +40,9 @@ def test_a_fresh_adapter_drafts_exactly_like_the_plain_early_exit(target, tokens
 
 
 def test_cached_extend_matches_the_full_sequence_path(target, tokens):
-    adapter = _trained_looking(EarlyExitAdapter.from_target(target, exit_layer=2))
+    # Random weights everywhere: a zero output projection would hide any error in the
+    # attention path.
+    adapter = helpers.adapter(target, exit_layer=2)
     hidden = target.hidden_at(tokens, 2)
     full = adapter.logits(hidden, target)
 
