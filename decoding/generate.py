@@ -10,9 +10,10 @@ and Kangaroo-style self-speculation (arXiv 2404.18911).
 What recompiles and what does not. Model weights enter jit as arguments (`nnx.split`), not as
 constants. Prompts are padded to a bucket (a power of two, at least 16) and the buffer to a
 power of two that holds bucket + max_new_tokens, so another prompt length in the same bucket
-or another max_new_tokens that fits the same buffer reuses the compiled code; max_new_tokens
-and the step budget are traced. A different sampler, config, batch size or bucket compiles
-anew (sampling temperatures are static config).
+or another max_new_tokens that fits the same buffer reuses the compiled code; max_new_tokens,
+the step budget and the sampling temperature, top-k and top-p values are traced. A different
+sampler, sampler config (gamma, thresholds), batch size or bucket compiles anew, and so does
+switching top-k or top-p on or off.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from decoding import loop
-from decoding.sampling import Autoregressive, SamplingConfig
+from decoding.sampling import INPUTS_KEY, Autoregressive, SamplingConfig
 from decoding.speculative import (DraftModelSpeculative, FlyConfig, FlySpeculative,
                                   NgramConfig, NgramSpeculative, SelfSpecConfig,
                                   SelfSpeculative, SpeculativeConfig)
@@ -76,7 +77,9 @@ def make_sampler(name: str, target: nnx.GraphDef, draft: nnx.GraphDef | None = N
                  sampling: SamplingConfig | None = None, config: Any = None) -> loop.Sampler:
     """The sampler `name` on the given graphdefs. `config` defaults to the sampler's config
     class as gin configures it; `sampling` defaults to SamplingConfig() for sampling samplers
-    and must be None for greedy ones."""
+    and must be None for greedy ones. The sampler keeps only which sampling filters are on:
+    its `step` reads the values from the loop inputs under sampling.INPUTS_KEY (see
+    `sampling_inputs`)."""
     spec = sampler_spec(name)
     if spec.samples:
         sampling = sampling if sampling is not None else SamplingConfig()
@@ -97,15 +100,26 @@ def make_sampler(name: str, target: nnx.GraphDef, draft: nnx.GraphDef | None = N
     elif not isinstance(config, spec.config_cls):
         raise ValueError(f"sampler {name!r} needs a {spec.config_cls.__name__}, "
                          f"got {type(config).__name__}")
+    filters = None if sampling is None else sampling.filters
     if name in ("greedy", "sample"):
-        return Autoregressive(target, sampling)
+        return Autoregressive(target, filters)
     if name.startswith("speculative"):
-        return DraftModelSpeculative(target, draft, config, sampling)
+        return DraftModelSpeculative(target, draft, config, filters)
     if name.startswith("ngram"):
-        return NgramSpeculative(target, config, sampling)
+        return NgramSpeculative(target, config, filters)
     if name.startswith("fly"):
-        return FlySpeculative(target, draft, config, sampling)
-    return SelfSpeculative(target, config, sampling, draft)
+        return FlySpeculative(target, draft, config, filters)
+    return SelfSpeculative(target, config, filters, draft)
+
+
+def sampling_inputs(name: str, sampling: SamplingConfig | None) -> dict[str, Any]:
+    """The loop inputs, beside the models' weights, that sampler `name` reads: the traced
+    sampling values for a sampling sampler (SamplingConfig() when None), nothing for a
+    greedy one."""
+    if not sampler_spec(name).samples:
+        return {}
+    config = sampling if sampling is not None else SamplingConfig()
+    return {INPUTS_KEY: {k: jnp.asarray(v) for k, v in config.values().items()}}
 
 
 def prompt_bucket(length: int) -> int:
@@ -222,6 +236,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
                              f"model, got {type(draft_model).__name__}")
         draft_model.check_target(model, sampler_obj.config.exit_layer)
     _check_rewind_margin(sampler, sampler_obj, {"target": model, "draft": draft_model})
+    weights.update(sampling_inputs(sampler, sampling))
 
     tokens = np.zeros((len(rows), buffer_length), np.int32)
     for b, row in enumerate(rows):

@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Weights = dict[str, Any]  # model name ("target", "draft") -> nnx.State of that model
+# The loop's traced inputs besides its state: model name ("target", "draft") -> nnx.State of
+# that model, plus "sampling" -> the sampling values of a sampling sampler.
+Weights = dict[str, Any]
 
 # Incremented when a jitted function of the loop is traced, i.e. compiled anew; tests read it
 # to show that a new prompt length in the same bucket, or a new max_new_tokens, reuses code.

@@ -2,7 +2,7 @@
 (greedy without a sampling config, lossless with one), and building the loop state for the
 models it uses. Subclasses are frozen dataclasses with `target`, `config` (with `gamma`) and,
 where they draft with another model, `draft`."""
-from decoding import loop
+from decoding import loop, sampling
 from decoding.speculative import rules
 
 
@@ -25,14 +25,16 @@ class DraftAndVerify:
         return self.config.gamma + 2
 
     @property
-    def rule(self):
-        sampling_config = getattr(self, "sampling", None)
-        return (rules.GreedyRule() if sampling_config is None
-                else rules.LosslessRule(sampling_config))
+    def counter_names(self) -> tuple[str, ...]:
+        return self.rule(None).counter_names
+
+    def rule(self, params: sampling.SamplingParams | None):
+        """The acceptance rule for this call's sampling parameters (None: greedy)."""
+        return rules.GreedyRule() if params is None else rules.LosslessRule(params)
 
     def init(self, weights, tokens, prompt_lengths, max_new_tokens, eos_id, rng, *,
              prefill_length: int) -> loop.LoopState:
         return loop.init_state(self.graphs(), weights, tokens, prompt_lengths, max_new_tokens,
                                eos_id, rng, prefill_length=prefill_length,
                                cache_slack=self.cache_slack, hist_size=self.hist_size,
-                               counters=self.rule.counter_names)
+                               counters=self.counter_names)

@@ -35,7 +35,7 @@ class SpeculativeConfig:
 
 
 def draft_tokens(draft, cache, seq: jax.Array, seq_len: jax.Array, gamma: int, rng: jax.Array,
-                 sampling_config: sampling.SamplingConfig | None
+                 params: sampling.SamplingParams | None
                  ) -> tuple[jax.Array, jax.Array | None, Any]:
     """gamma tokens per row from `draft`, each conditioned on the previous ones.
 
@@ -45,9 +45,9 @@ def draft_tokens(draft, cache, seq: jax.Array, seq_len: jax.Array, gamma: int, r
     keys = jax.random.split(rng, gamma)
 
     def propose(logits, key):
-        if sampling_config is None:
+        if params is None:
             return sampling.greedy(logits), None
-        logq = sampling.log_probs(logits, sampling_config)
+        logq = sampling.log_probs(logits, params)
         token = jax.random.categorical(key, logq, axis=-1).astype(jnp.int32)
         return token, jnp.exp(logq)
 
@@ -62,7 +62,7 @@ def draft_tokens(draft, cache, seq: jax.Array, seq_len: jax.Array, gamma: int, r
 
     (cache, _), (rest, rest_q) = jax.lax.scan(one, (cache, first), keys[1:])
     drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
-    if sampling_config is None:
+    if params is None:
         return drafts, None, cache
     q = jnp.concatenate([first_q[:, None], jnp.moveaxis(rest_q, 0, 1)], axis=1)
     return drafts, q, cache
@@ -74,16 +74,18 @@ class DraftModelSpeculative(DraftAndVerify):
     target: nnx.GraphDef
     draft: nnx.GraphDef
     config: SpeculativeConfig
-    sampling: sampling.SamplingConfig | None = None  # None: greedy verification
+    sampling: sampling.SamplingFilters | None = None  # None: greedy verification
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         target = nnx.merge(self.target, weights["target"])
         draft = nnx.merge(self.draft, weights["draft"])
+        params = sampling.bind(self.sampling, weights)
         rng, key_draft, key_rule = jax.random.split(state.rng, 3)
         drafts, q, draft_cache = draft_tokens(draft, state.caches["draft"], state.tokens,
                                               state.lengths, self.config.gamma, key_draft,
-                                              self.sampling)
+                                              params)
         state = state.replace(rng=rng, caches={**state.caches, "draft": draft_cache})
         state = verify.add_draft_calls(state, self.config.gamma)
         gamma_b = jnp.full(state.lengths.shape, self.config.gamma, jnp.int32)
-        return verify.verify_round(state, target, drafts, gamma_b, q, self.rule, key_rule)
+        return verify.verify_round(state, target, drafts, gamma_b, q, self.rule(params),
+                                   key_rule)

@@ -114,18 +114,17 @@ class FlySpeculative(DraftAndVerify):
     target: nnx.GraphDef
     draft: nnx.GraphDef
     config: FlyConfig
-    sampling: sampling.SamplingConfig | None = None
+    sampling: sampling.SamplingFilters | None = None
 
     @property
     def cache_slack(self) -> int:
         # The draft may run past gamma by one n-gram chunk, plus its catch-up chunk.
         return self.config.gamma + 2 * (self.config.ngram_tokens + 2)
 
-    @property
-    def rule(self) -> rules.FlyRule:
+    def rule(self, params: sampling.SamplingParams | None) -> rules.FlyRule:
         return rules.FlyRule(window=self.config.window,
                              entropy_threshold=self.config.entropy_threshold,
-                             sampling=self.sampling, sample_times=self.config.sample_times)
+                             sampling=params, sample_times=self.config.sample_times)
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         target = nnx.merge(self.target, weights["target"])
@@ -142,4 +141,4 @@ class FlySpeculative(DraftAndVerify):
         gamma_b = jnp.full(state.lengths.shape, c.gamma, jnp.int32)
         rng, key_rule = jax.random.split(state.rng)
         return verify.verify_round(state.replace(rng=rng), target, drafts, gamma_b, None,
-                                   self.rule, key_rule)
+                                   self.rule(sampling.bind(self.sampling, weights)), key_rule)

@@ -82,7 +82,7 @@ class NgramSpeculative(DraftAndVerify):
     without a match drafts nothing and its round is a plain decoding step."""
     target: nnx.GraphDef
     config: NgramConfig
-    sampling: sampling.SamplingConfig | None = None
+    sampling: sampling.SamplingFilters | None = None
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         target = nnx.merge(self.target, weights["target"])
@@ -92,4 +92,4 @@ class NgramSpeculative(DraftAndVerify):
                                           max_ngram=c.max_ngram, min_ngram=c.min_ngram)
         # q = None: LosslessRule treats the proposal as a one-hot draft distribution.
         return verify.verify_round(state.replace(rng=rng), target, drafts, draft_len, None,
-                                   self.rule, key)
+                                   self.rule(sampling.bind(self.sampling, weights)), key)

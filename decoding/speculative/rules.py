@@ -74,7 +74,7 @@ def residual_distribution(p_n: jax.Array, q_n: jax.Array, bonus: jax.Array) -> j
 @dataclasses.dataclass(frozen=True)
 class LosslessRule:
     """Speculative sampling from the processed target distribution `sampling`."""
-    sampling: sampling.SamplingConfig
+    sampling: sampling.SamplingConfig | sampling.SamplingParams
     counter_names: tuple[str, ...] = ()
 
     def __call__(self, rng, logits, drafts, draft_probs, draft_len):
@@ -125,7 +125,7 @@ class FlyRule:
     """
     window: int = 6
     entropy_threshold: float = 0.3
-    sampling: sampling.SamplingConfig | None = None
+    sampling: sampling.SamplingConfig | sampling.SamplingParams | None = None
     sample_times: int = 2
     counter_names: tuple[str, ...] = ("mismatches", "rescued")
 

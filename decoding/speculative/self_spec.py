@@ -59,7 +59,7 @@ class SelfSpeculative(DraftAndVerify):
     graph of an EarlyExitAdapter between the exit and the head."""
     target: nnx.GraphDef
     config: SelfSpecConfig
-    sampling: sampling.SamplingConfig | None = None
+    sampling: sampling.SamplingFilters | None = None
     draft: nnx.GraphDef | None = None
 
     def init(self, weights, tokens, prompt_lengths, max_new_tokens, eos_id, rng, *,
@@ -75,15 +75,15 @@ class SelfSpeculative(DraftAndVerify):
                 jnp.asarray(prompt_lengths, jnp.int32))
         return loop.new_state(tokens, prompt_lengths, max_new_tokens, eos_id, rng,
                               caches=caches, hist_size=self.hist_size,
-                              counters=self.rule.counter_names)
+                              counters=self.counter_names)
 
-    def _draft(self, model, adapter, caches, pending, drafting, rng):
+    def _draft(self, model, adapter, caches, pending, drafting, rng, params):
         """Drafts up to gamma tokens per row from the early exit. Returns drafts int32[B, gamma],
         their distributions f32[B, gamma, V] (None when greedy), per-row draft lengths, the
         number of drafting calls, the exit states [B, gamma + 1, d] of [pending, drafts]
         (valid up to index calls) and the caches holding their shallow entries."""
         c = self.config
-        greedy = self.sampling is None
+        greedy = params is None
 
         def call(caches, last, key):
             """One shallow step on last [B]: its exit state, the draft token after it, that
@@ -99,7 +99,7 @@ class SelfSpeculative(DraftAndVerify):
             if greedy:
                 confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
                 return hidden[:, 0], sampling.greedy(logits), confidence, None, caches
-            probs = sampling.probs(logits, self.sampling)
+            probs = sampling.probs(logits, params)
             token = jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
             return hidden[:, 0], token, jnp.max(probs, axis=-1), probs, caches
 
@@ -144,10 +144,12 @@ class SelfSpeculative(DraftAndVerify):
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:
         model = nnx.merge(self.target, weights["target"])
         adapter = None if self.draft is None else nnx.merge(self.draft, weights["draft"])
+        params = sampling.bind(self.sampling, weights)
         rng, key_draft, key_rule = jax.random.split(state.rng, 3)
         start = state.lengths - 1  # what the target cache held before the round
         drafts, q, draft_len, calls, hiddens, caches = self._draft(
-            model, adapter, state.caches, loop.pending_token(state), ~state.done, key_draft)
+            model, adapter, state.caches, loop.pending_token(state), ~state.done, key_draft,
+            params)
         # Verification: back to where the round began, then only the deep blocks, on exit
         # states whose shallow entries drafting already wrote. Slots past `calls` hold zeros
         # (rows never draft that far, so the rule rejects them before they matter).
@@ -156,7 +158,7 @@ class SelfSpeculative(DraftAndVerify):
                                                  start_layer=self.config.exit_layer)
         state = verify.add_draft_calls(state.replace(rng=rng, caches=caches), calls)
         state = verify.settle_round(state, model, target_cache, logits, drafts, draft_len, q,
-                                    self.rule, key_rule)
+                                    self.rule(params), key_rule)
         if adapter is not None:
             state = state.replace(caches={
                 **state.caches, "draft": adapter.rewind(state.caches["draft"],

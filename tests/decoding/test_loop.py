@@ -95,6 +95,25 @@ def test_plain_sampling_follows_the_processed_distribution():
     assert stats.chisquare(counts[kept], p[kept] / p[kept].sum() * n).pvalue > 1e-3
 
 
+def test_new_sampling_values_reuse_the_compiled_loop():
+    m = helpers.model()
+    generate(m, PROMPTS, sampler="sample", max_new_tokens=6, seed=1,
+             sampling=SamplingConfig(temperature=0.8, top_k=3, top_p=0.9))
+    traces = dict(loop.TRACE_COUNTS)
+    # Same filters, other numbers: no new trace, and the new numbers are the ones used
+    # (top_k=1 leaves only the argmax, so the samples are the greedy tokens).
+    greedy = generate(m, PROMPTS, max_new_tokens=6).tokens
+    traces["run"] = loop.TRACE_COUNTS["run"]   # the greedy sampler's own compilation
+    narrow = generate(m, PROMPTS, sampler="sample", max_new_tokens=6, seed=1,
+                      sampling=SamplingConfig(temperature=1.7, top_k=1, top_p=0.5))
+    assert narrow.tokens == greedy
+    assert dict(loop.TRACE_COUNTS) == traces
+    # Switching a filter off changes the program, and compiles anew.
+    generate(m, PROMPTS, sampler="sample", max_new_tokens=6,
+             sampling=SamplingConfig(temperature=1.7, top_k=1))
+    assert loop.TRACE_COUNTS["run"] == traces["run"] + 1
+
+
 @dataclasses.dataclass(frozen=True)
 class _FillFromTheRight:
     """A model-free stand-in for a masked-diffusion sampler: the generation region starts as

@@ -1,5 +1,6 @@
 """The token pickers sample from exactly the distributions they claim: processed probability
-vectors against hand-computed ones, then empirical frequencies against those vectors."""
+vectors against hand-computed ones (with the numbers traced, as in the decoding loop), then
+empirical frequencies against those vectors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,10 @@ LOGITS = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15], np.float32))  # token 1 > 
 
 
 def _probs(config, logits=LOGITS):
-    return np.asarray(jax.jit(sampling.probs, static_argnums=1)(jnp.asarray(logits), config))
+    """The processed distribution as the decoding loop computes it: which filters run is
+    static, temperature, k and p are traced."""
+    fn = jax.jit(lambda x, values: sampling.probs(x, config.filters.bind(values)))
+    return np.asarray(fn(jnp.asarray(logits), config.values()))
 
 
 def _close(actual, expected):
@@ -48,6 +52,24 @@ def test_temperature_top_k_top_p_combine_in_order():
     keep = np.array([0, 1, 0, 1, 1], bool)  # mass before token 4: .627 < .65, so it is kept
     expected = np.where(keep, tempered, 0)
     _close(_probs(config), expected / expected.sum())
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(temperature=0.7, top_k=2),
+                                    SamplingConfig(top_k=9), SamplingConfig(top_p=0.71),
+                                    SamplingConfig(temperature=1.3, top_k=3, top_p=0.9)])
+def test_traced_values_equal_the_config_as_constants(config):
+    constants = jax.jit(lambda x: sampling.probs(x, config))(jnp.asarray(LOGITS))
+    _close(_probs(config), np.asarray(constants))
+
+
+def test_one_compiled_picker_serves_every_value_of_its_filters():
+    filters = SamplingConfig(top_k=2, top_p=0.9).filters
+    traces = []
+    fn = jax.jit(lambda x, v: (traces.append(1), sampling.probs(x, filters.bind(v)))[1])
+    for config in [SamplingConfig(temperature=0.5, top_k=1, top_p=0.5),
+                   SamplingConfig(temperature=2.0, top_k=4, top_p=0.99)]:
+        _close(np.asarray(fn(jnp.asarray(LOGITS), config.values())), _probs(config))
+    assert len(traces) == 1
 
 
 def test_batched_logits_are_processed_per_row():
