@@ -1,8 +1,13 @@
 """Bad requests fail before any compilation with a ValueError naming the bad value and, where
-there is a choice, the valid ones."""
+there is a choice, the valid ones (a sampling sampler driven by hand without its values fails
+while tracing, before anything runs)."""
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from decoding import generate as generate_lib
+from decoding import loop
 from decoding.generate import generate
 from decoding.sampling import SamplingConfig
 from decoding.speculative import FlyConfig, SelfSpecConfig, SpeculativeConfig
@@ -80,3 +85,16 @@ def test_self_speculation_takes_only_a_matching_adapter_as_its_draft():
                                          "exit_layer=2"):
         generate(m, [[1, 2]], sampler="self_spec_greedy", draft_model=helpers.adapter(m),
                  config=SelfSpecConfig(exit_layer=2))
+
+
+def test_sampling_sampler_run_without_its_values():
+    # Driving the loop by hand: a sampling sampler's numbers must come in the loop inputs.
+    graph, weights = nnx.split(helpers.model())
+    sampler = generate_lib.make_sampler("sample", graph)
+    tokens = jnp.zeros((1, 32), jnp.int32).at[:, :2].set(5)
+    state = sampler.init({"target": weights}, tokens, jnp.array([2]), jnp.asarray(4),
+                         jnp.asarray(-1), jax.random.key(0), prefill_length=16)
+    with pytest.raises(ValueError, match=r"under 'sampling'.*got keys \['target'\]"):
+        loop.run(sampler.step, state, 4, {"target": weights})
+    inputs = {"target": weights, **generate_lib.sampling_inputs("sample", None)}
+    assert int(loop.run(sampler.step, state, 4, inputs).lengths[0]) == 6
