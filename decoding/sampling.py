@@ -125,18 +125,22 @@ def log_probs(logits: jax.Array, config: SamplingConfig | SamplingParams) -> jax
         config = config.params()
     x = logits.astype(jnp.float32) / config.temperature
     vocab = x.shape[-1]
+    if not (config.use_top_k or config.use_top_p):
+        return jax.nn.log_softmax(x, axis=-1)
+    # One descending order serves both filters: top-k only removes a tail of it, so the kept
+    # tokens stay sorted for top-p (argsort is stable, so ties keep the lower id first).
+    order = jnp.argsort(-x, axis=-1)
+    sorted_x = jnp.take_along_axis(x, order, axis=-1)
     if config.use_top_k:
-        # k is traced, so the k-th largest value comes from a full sort rather than
+        # k is traced, so the k-th largest value is read off the sort rather than taken with
         # lax.top_k (whose k must be static). k = 0 or k >= V keeps everything.
         k = jnp.where(config.top_k > 0, jnp.minimum(config.top_k, vocab), vocab)
-        descending = -jnp.sort(-x, axis=-1)
-        kth = jnp.take_along_axis(descending, jnp.broadcast_to(k - 1, x.shape[:-1] + (1,)),
+        kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(k - 1, x.shape[:-1] + (1,)),
                                   axis=-1)
         x = jnp.where(x >= kth, x, _NEG_INF)
+        sorted_x = jnp.where(sorted_x >= kth, sorted_x, _NEG_INF)
     if config.use_top_p:
-        probs = jax.nn.softmax(x, axis=-1)
-        order = jnp.argsort(-x, axis=-1)
-        sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+        sorted_probs = jax.nn.softmax(sorted_x, axis=-1)
         # Mass strictly before each sorted token: a token is kept while that mass is still
         # short of top_p, which keeps the token that crosses the threshold.
         before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
