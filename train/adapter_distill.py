@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -77,9 +76,14 @@ def distill_terms(adapter: EarlyExitAdapter, target: Transformer, batch: Batch
     kl = soft_ce + jnp.sum(p_target * jnp.log(jnp.maximum(p_target, 1e-30)), axis=-1)
     prob_acc = jnp.sum(jnp.minimum(p_target, jnp.exp(log_q)), axis=-1)
     top1 = (jnp.argmax(log_q, axis=-1) == jnp.argmax(p_target, axis=-1)).astype(jnp.float32)
-    metrics = {"kl": jnp.sum(kl * mask), "prob_acc": jnp.sum(prob_acc * mask), "top1_agreement": jnp.sum(top1 * mask),
-               "tokens": jnp.sum(mask)}
+    metrics = {"kl": jnp.sum(kl * mask), "prob_acc": jnp.sum(prob_acc * mask),
+               "top1_agreement": jnp.sum(top1 * mask), "tokens": jnp.sum(mask)}
     return jnp.sum(soft_ce * mask), metrics
+
+
+# One compiled evaluation step for every evaluate() call (the before/after comparison
+# evaluates two adapters of the same shape).
+_eval_terms = nnx.jit(distill_terms)
 
 
 def _device_batch(batch: Batch) -> dict[str, jax.Array]:
@@ -91,10 +95,9 @@ def evaluate(adapter: EarlyExitAdapter, target: Transformer, batches: Iterable[B
              ) -> dict[str, float]:
     """Mean soft cross-entropy (loss), KL(target || draft), prob_acc and top-1 agreement
     per real token."""
-    step = nnx.jit(distill_terms)
     totals: dict[str, float] = {}
     for batch in batches:
-        loss, metrics = step(adapter, target, _device_batch(batch))
+        loss, metrics = _eval_terms(adapter, target, _device_batch(batch))
         for k, v in {"loss": loss, **metrics}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     tokens = max(totals.pop("tokens", 0.0), 1.0)

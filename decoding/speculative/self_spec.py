@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from decoding import loop, sampling
-from decoding.speculative import rules, verify
+from decoding.speculative import verify
 from decoding.speculative.base import DraftAndVerify
 
 
