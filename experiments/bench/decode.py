@@ -45,7 +45,6 @@ from experiments.bench.sizes import DECODE_SIZES
 from models import convert_hf, registry
 from models.transformer import Transformer, TransformerConfig
 
-SIZES = DECODE_SIZES
 GOALS = {("speedup_vs_hf", "tiny"): 3.0, ("speedup_vs_hf", "100m"): 1.5,
          ("bandwidth_fraction", "100m"): 0.5}
 
@@ -147,7 +146,7 @@ def run(sizes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
                "torch_threads": torch.get_num_threads()}
     results = []
     for size in sizes:
-        config = SIZES[size]
+        config = DECODE_SIZES[size]
         model = registry.construct(Transformer, config, seed=seed)
         hf = _to_hf(model)
         num_params = model.num_params()
@@ -196,7 +195,7 @@ def run(sizes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="tiny,100m",
-                   help=f"comma-separated model sizes from {tuple(SIZES)}")
+                   help=f"comma-separated model sizes from {tuple(DECODE_SIZES)}")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=256)
@@ -207,9 +206,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "busy with other work fewer threads can be faster")
     args = p.parse_args(argv)
     args.sizes = [s for s in args.sizes.split(",") if s]
-    unknown = [s for s in args.sizes if s not in SIZES]
+    unknown = [s for s in args.sizes if s not in DECODE_SIZES]
     if unknown:
-        p.error(f"unknown size(s) {unknown}; valid: {tuple(SIZES)}")
+        p.error(f"unknown size(s) {unknown}; valid: {tuple(DECODE_SIZES)}")
     args.batches = [int(b) for b in args.batches.split(",") if b]
     if not args.batches or min(args.batches) < 1:
         p.error(f"--batches={args.batches} must list batch sizes >= 1")
