@@ -11,10 +11,11 @@ export SWIFTLM_DATA_DIR ?= $(CURDIR)/data
 .PHONY: demo test install install-dev clean
 
 # The stamp files are rebuilt whenever a requirements file changes.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
