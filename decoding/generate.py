@@ -18,7 +18,7 @@ switching top-k or top-p on or off.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -181,8 +181,11 @@ def _check_rewind_margin(name: str, sampler_obj, models: dict) -> None:
 def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *,
              sampler: str = "greedy", max_new_tokens: int | Sequence[int] = 32, seed: int = 0,
              draft_model=None, sampling: SamplingConfig | None = None, config: Any = None,
-             eos_id: int | None = None, prompt_lengths: Sequence[int] | None = None,
-             max_length: int | None = None, max_steps: int | None = None) -> GenerateOutput:
+             eos_id: int | Sequence[int] | None = None,
+             prompt_lengths: Sequence[int] | None = None, max_length: int | None = None,
+             max_steps: int | None = None,
+             on_chunk: Callable[[list[list[int]]], None] | None = None,
+             chunk_steps: int = 16) -> GenerateOutput:
     """Decodes up to max_new_tokens tokens (an int, or one per row) after each prompt with
     the named sampler.
 
@@ -193,11 +196,15 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
     prompts: a list of token-id lists (ragged), or a [B, T] array with prompt_lengths.
     sampling: SamplingConfig for the sampling samplers; config: the sampler's own config
         (SpeculativeConfig, NgramConfig, FlyConfig, SelfSpecConfig), gin defaults if None.
-    eos_id: a row stops after emitting it (None: rows run to max_new_tokens).
+    eos_id: a row stops after emitting it, or any of several ids (a chat model's end-of-turn
+        and end-of-text); None: rows run to max_new_tokens.
     max_length: buffer length (prompt + generated) to use instead of the automatic one;
         a prompt that leaves no room in it is an error.
     max_steps: loop step budget (default max_new_tokens, enough since every step commits at
         least one token per unfinished row).
+    on_chunk: streaming. The loop then runs `chunk_steps` steps at a time (the same compiled
+        loop: its step budget is traced) and after each chunk on_chunk(tokens) receives every
+        row's generated ids so far: one device -> host copy per chunk, never one per token.
 
     Returns GenerateOutput(tokens, stats) with stats: sampler, steps, prefill_calls,
     target_calls and draft_calls (batched calls after prefill), drafted, accepted,
@@ -211,6 +218,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
                          f"target's vocab_size={vocab_size}; they must share a vocabulary")
     rows, lengths = _prompt_rows(prompts, prompt_lengths, vocab_size)
     budgets = _budgets(max_new_tokens, len(rows))
+    stop_ids = _stop_ids(eos_id)
     longest = int(lengths.max())
     if max_length is None:
         buffer_length = 1 << (prompt_bucket(longest) + max(int(budgets.max()), 1) - 1
@@ -242,18 +250,48 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
     for b, row in enumerate(rows):
         tokens[b, :row.size] = row
     state = sampler_obj.init(weights, jnp.asarray(tokens), jnp.asarray(lengths),
-                             jnp.asarray(budgets), jnp.asarray(-1 if eos_id is None else eos_id,
-                                                               jnp.int32),
+                             jnp.asarray(budgets), jnp.asarray(stop_ids),
                              jax.random.key(seed), prefill_length=prefill_length)
     budget = int(budgets.max()) if max_steps is None else max_steps
-    state = loop.run(sampler_obj.step, state, budget, weights)
+    if on_chunk is None:
+        state = loop.run(sampler_obj.step, state, budget, weights)
+    else:
+        state = _run_streaming(sampler_obj, state, budget, weights, lengths, on_chunk,
+                               chunk_steps)
 
-    # The one device -> host transfer of the call.
+    # The one device -> host transfer of the call (streaming adds one per chunk).
     host = jax.device_get({"tokens": state.tokens, "lengths": state.lengths,
                            "step": state.step, "stats": state.stats})
     out_tokens = [host["tokens"][b, lengths[b]:host["lengths"][b]].tolist()
                   for b in range(len(rows))]
     return GenerateOutput(out_tokens, _stats(sampler, host, out_tokens, draft_model is not None))
+
+
+def _stop_ids(eos_id: int | Sequence[int] | None) -> np.ndarray:
+    """int32[K] end-of-sequence ids for the loop (-1 matches no token)."""
+    ids = np.asarray([-1] if eos_id is None else eos_id).reshape(-1)
+    if ids.size == 0 or ids.dtype.kind not in "iu":
+        raise ValueError(f"eos_id={eos_id!r} must be a token id, a sequence of token ids, or "
+                         "None")
+    return ids.astype(np.int32)
+
+
+def _run_streaming(sampler_obj, state: loop.LoopState, budget: int, weights, prompt_lengths,
+                   on_chunk, chunk_steps: int) -> loop.LoopState:
+    """loop.run in chunks of chunk_steps steps, handing the tokens so far to on_chunk after
+    each; the loop's cond still stops early once every row is done."""
+    if chunk_steps < 1:
+        raise ValueError(f"chunk_steps={chunk_steps} must be at least 1")
+    steps = 0
+    while True:
+        steps = min(steps + chunk_steps, budget)
+        state = loop.run(sampler_obj.step, state, steps, weights)
+        host = jax.device_get({"tokens": state.tokens, "lengths": state.lengths,
+                               "done": state.done})
+        on_chunk([host["tokens"][b, prompt_lengths[b]:host["lengths"][b]].tolist()
+                  for b in range(len(prompt_lengths))])
+        if steps >= budget or bool(np.all(host["done"])):
+            return state
 
 
 def _stats(sampler: str, host: dict, out_tokens: list[list[int]], has_draft: bool) -> dict:

@@ -71,7 +71,8 @@ class LoopState:
 
     tokens: int32[B, L] token buffer.      lengths: int32[B] committed tokens per row.
     prompt_lengths: int32[B].              limits: int32[B] a row is done at this length.
-    done: bool[B].                         eos_id: int32[] (-1: no end-of-sequence token).
+    done: bool[B].                         eos_id: int32[K] ids that end a row (a chat
+                                           model's end-of-turn and end-of-text; -1: none).
     rng: a PRNG key.                       step: int32[] loop steps taken.
     caches: model name -> cache (each exposes `.lengths`).
     carry: sampler-specific small arrays kept across steps (None for most samplers).
@@ -136,7 +137,8 @@ def _new_state(tokens, prompt_lengths, max_new_tokens, eos_id, rng, caches, carr
         counters={name: _zero() for name in counters})
     return LoopState(
         tokens=tokens.astype(jnp.int32), lengths=prompt_lengths, prompt_lengths=prompt_lengths,
-        limits=limits, done=prompt_lengths >= limits, eos_id=jnp.asarray(eos_id, jnp.int32),
+        limits=limits, done=prompt_lengths >= limits,
+        eos_id=jnp.asarray(eos_id, jnp.int32).reshape(-1),
         rng=rng, step=_zero(), caches=caches, carry=carry, stats=stats)
 
 
@@ -187,15 +189,16 @@ def commit(state: LoopState, new_tokens: jax.Array, counts: jax.Array
            ) -> tuple[LoopState, jax.Array]:
     """Appends the first counts[b] of new_tokens[b] (int32[B, C]) to each active row.
 
-    A row's commit is cut after its first end-of-sequence token and at its length limit; the
-    row is then done. Done rows commit nothing. Returns the new state and the committed
-    counts int32[B] (what a sampler rewinds its caches by).
+    A row's commit is cut after its first end-of-sequence token (any id of `state.eos_id`)
+    and at its length limit; the row is then done. Done rows commit nothing. Returns the new
+    state and the committed counts int32[B] (what a sampler rewinds its caches by).
     """
     batch, width = new_tokens.shape
     buffer_length = state.tokens.shape[1]
     active = ~state.done
     i = jnp.arange(width, dtype=jnp.int32)[None, :]
-    is_eos = (new_tokens == state.eos_id) & (i < counts[:, None])
+    is_eos = (jnp.any(new_tokens[:, :, None] == state.eos_id, axis=-1)
+              & (i < counts[:, None]))
     has_eos = jnp.any(is_eos, axis=1)
     n = jnp.where(has_eos, jnp.argmax(is_eos, axis=1) + 1, counts)
     n = jnp.clip(jnp.minimum(n, state.limits - state.lengths), 0, width)
