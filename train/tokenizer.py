@@ -1,4 +1,4 @@
-"""Tokenizers: byte-level (the default) and SentencePiece, behind one small protocol.
+"""Tokenizers: byte-level (the default), SentencePiece and pretrained, behind one small protocol.
 
 Every tokenizer exposes the same four special ids so that models and samplers never special-case
 the tokenizer: `bos_id` starts a document, `eos_id` ends it, `pad_id` fills packed rows and
@@ -13,6 +13,12 @@ which writes data/spm/stdlib4096.model (+ .vocab); select it in a gin config wit
 
     make_tokenizer.name = "sentencepiece"
     make_tokenizer.model_path = "data/spm/stdlib4096.model"
+
+A real checkpoint's own tokenizer ("pretrained", train/pretrained_tokenizer.py) is read from its
+GGUF file or its Hugging Face tokenizer folder:
+
+    make_tokenizer.name = "pretrained"
+    make_tokenizer.gguf_path = "SmolLM2-135M-Instruct.Q4_1.gguf"   # or make_tokenizer.hf_dir = ...
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import gin
 import numpy as np
 import sentencepiece as spm
 
-TOKENIZER_NAMES = ("byte", "sentencepiece")
+TOKENIZER_NAMES = ("byte", "sentencepiece", "pretrained")
 MASK_PIECE = "<mask>"
 
 
@@ -170,7 +176,8 @@ def encode_document(tokenizer: Tokenizer, text: bytes | str) -> np.ndarray:
 
 @gin.configurable
 def make_tokenizer(name: str = "byte", **kwargs) -> Tokenizer:
-    """Tokenizer by name: "byte" (no arguments) or "sentencepiece" (model_path=...)."""
+    """Tokenizer by name: "byte" (no arguments), "sentencepiece" (model_path=...) or
+    "pretrained" (exactly one of gguf_path=... or hf_dir=...)."""
     if name == "byte":
         if kwargs:
             raise ValueError(f"tokenizer 'byte' takes no arguments, got {sorted(kwargs)}")
@@ -180,6 +187,17 @@ def make_tokenizer(name: str = "byte", **kwargs) -> Tokenizer:
             raise ValueError("tokenizer 'sentencepiece' needs exactly model_path=<file.model>, "
                              f"got {kwargs}")
         return SentencePieceTokenizer(kwargs["model_path"])
+    if name == "pretrained":
+        # Imported here: only this kind needs `tokenizers`, jinja2 and (for GGUF) gguf.
+        from train.pretrained_tokenizer import PretrainedTokenizer
+
+        given = {k: v for k, v in kwargs.items() if v}
+        if set(kwargs) - {"gguf_path", "hf_dir"} or len(given) != 1:
+            raise ValueError("tokenizer 'pretrained' needs exactly one of gguf_path=<file.gguf> "
+                             f"or hf_dir=<folder with tokenizer.json>, got {kwargs}")
+        if "gguf_path" in given:
+            return PretrainedTokenizer.from_gguf(given["gguf_path"])
+        return PretrainedTokenizer.from_hf_dir(given["hf_dir"])
     raise ValueError(f"unknown tokenizer {name!r}; valid names: {list(TOKENIZER_NAMES)}")
 
 

@@ -44,7 +44,7 @@ def test_encode_document_adds_bos_eos():
 
 def test_make_tokenizer_errors_name_the_bad_value(tmp_path):
     assert isinstance(make_tokenizer("byte"), ByteTokenizer)
-    with pytest.raises(ValueError, match=r"'wordpiece'.*\['byte', 'sentencepiece'\]"):
+    with pytest.raises(ValueError, match=r"'wordpiece'.*\['byte', 'sentencepiece', 'pretrained'\]"):
         make_tokenizer("wordpiece")
     with pytest.raises(ValueError, match="model_path"):
         make_tokenizer("sentencepiece")
