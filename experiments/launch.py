@@ -4,7 +4,8 @@
         [--gin_file=...] [--gin_bindings='TrainConfig.steps = 100'] --workdir=DIR [--demo]
 
 Later --gin_file and --gin_bindings override earlier ones. --demo also prints a greedy
-continuation of a code prompt decoded from the saved checkpoint.
+continuation of a code prompt decoded from the saved checkpoint, then a chat answer from the
+packaged real model (SmolLM2-135M-Instruct) decoded through the same loop, with its tokens/s.
 """
 import json
 import logging
@@ -15,7 +16,8 @@ FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin config files, applied in 
 BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after files.")
 WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and event files go.",
                               required=True)
-DEMO = flags.DEFINE_bool("demo", False, "Print a greedy continuation after training.")
+DEMO = flags.DEFINE_bool("demo", False, "Print a greedy continuation after training, then a "
+                         "real model's chat answer.")
 PROMPT = flags.DEFINE_string("prompt", None, "Prompt for --demo (default: a code prompt).")
 
 
@@ -45,6 +47,14 @@ def main(argv):
         print("greedy continuation from the checkpoint:\n" + "-" * 60)
         print(prompt + text)
         print("-" * 60)
+        print(f"a real pretrained model, {pipeline.DEMO_QUESTION!r} through the same loop "
+              "(SmolLM2-135M-Instruct, chat template, greedy):\n" + "-" * 60, flush=True)
+        _, stats = pipeline.real_model_chat(on_text=lambda d: print(d, end="", flush=True))
+        rate = stats["decode_tokens_per_second"]
+        print("\n" + "-" * 60)
+        print(f"{stats['new_tokens'][0]} tokens in {stats['seconds_incl_compile']:.1f} s "
+              "including compilation; "
+              + (f"{rate:.1f} tokens/s once compiled" if rate else "too short to time"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Everything here is configured through gin (model, data, trainer, mesh); the absl flags live only
 in experiments/launch.py. `run(workdir)` builds the dataset if needed, trains (resuming from the
 workdir's checkpoints), evaluates bits per byte on the validation split, and optionally decodes
-a greedy continuation from the saved checkpoint.
+a greedy continuation from the saved checkpoint; `real_model_chat` answers a question with the
+packaged real model (SmolLM2-135M-Instruct) through the same decoding loop.
 """
 import dataclasses
 import logging
@@ -71,3 +72,16 @@ def greedy_continuation(workdir: str, prompt: str = DEFAULT_PROMPT,
     out = generate(model, [ids], sampler="greedy", max_new_tokens=max_new_tokens,
                    eos_id=tokenizer.eos_id)
     return tokenizer.decode(np.asarray(out.tokens[0]).tolist())
+
+
+DEMO_QUESTION = "Write a Python function that checks whether a string is a palindrome."
+
+
+def real_model_chat(question: str = DEMO_QUESTION, *, model_name: str = "smollm2",
+                    max_new_tokens: int = 200, on_text=None) -> tuple[str, dict[str, Any]]:
+    """A packaged real model's greedy answer to a chat-formatted `question`, streamed to
+    on_text(delta) a chunk of steps at a time, and its decoding stats (tokens/s among them)."""
+    from experiments.generate import decode_text  # decoding is optional for training-only use
+
+    return decode_text(None, question, model_name=model_name, chat=True,
+                       max_new_tokens=max_new_tokens, on_text=on_text)
