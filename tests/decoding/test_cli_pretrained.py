@@ -91,3 +91,22 @@ def test_bad_requests_name_the_problem(tmp_path, chat_file):
         cli.decode_text(None, "hi", model_name="llama9")
     with pytest.raises(ValueError, match="system='x' applies only with --chat"):
         cli.decode_text(None, "hi", gguf=path, system="x")
+
+
+def test_hf_directory_decodes_like_the_gguf_file(tmp_path, chat_file):
+    import json
+
+    from models import convert_hf
+    from train.pretrained_tokenizer import PretrainedTokenizer
+
+    path, model = chat_file
+    convert_hf.save_hf(model, tmp_path)
+    PretrainedTokenizer.from_gguf(path)._tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+         "add_bos_token": True, "chat_template": TEMPLATE}))
+    _, from_gguf = cli.decode_text(None, "hi", gguf=path, chat=True, max_new_tokens=6)
+    _, from_hf = cli.decode_text(None, "hi", hf_dir=str(tmp_path), chat=True, max_new_tokens=6)
+    assert from_hf["tokens"] == from_gguf["tokens"]
+    assert from_hf["prompt_tokens"] == from_gguf["prompt_tokens"]
+    assert from_hf["format"] == "hf"
