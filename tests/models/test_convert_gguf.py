@@ -226,47 +226,40 @@ def test_bad_files_are_refused_by_name(tmp_path, tiny_file):
 
 SMOLLM2_PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "import os\nimport sys\n\n\ndef main(argv):\n",
-    "The capital of France is",
+    "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser(",
+    "The capital of France is Paris, and the capital of Italy is the city of",
 ]
+SMOLLM2_PROMPT_TOKENS = 14  # every prompt cut to this length: one batch, one compilation
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """(ours, HF's, tokenizer ids of the prompts) for the packaged SmolLM2-135M-Instruct."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_smollm2_matches_hf_transformers_on_the_same_gguf():
+    """Logits on a batch of prompts within 1e-4 relative, and the same 64 greedy tokens.
+    One test, so the two 135M models load once (a module fixture would load per xdist
+    worker)."""
+    from transformers import AutoModelForCausalLM
 
+    from decoding.generate import generate
     from models.packaged import packaged_gguf
+    from train.pretrained_tokenizer import PretrainedTokenizer
 
     path = packaged_gguf("smollm2")
     ours, info = convert_gguf.load_gguf(path)
     assert info.architecture == "llama" and info.tensor_types["Q4_1"] > 0
-    kwargs = dict(gguf_file=os.path.basename(path))
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
-                                              **kwargs)
+                                              gguf_file=os.path.basename(path))
+    tokenizer = PretrainedTokenizer.from_gguf(path)
+    tokens = np.asarray([tokenizer.encode(p)[:SMOLLM2_PROMPT_TOKENS]
+                         for p in SMOLLM2_PROMPTS])
+    assert tokens.shape == (len(SMOLLM2_PROMPTS), SMOLLM2_PROMPT_TOKENS)
+    with torch.no_grad():
+        reference = hf(torch.from_numpy(tokens)).logits.numpy()
+    _assert_close_relative(np.asarray(_forward(ours, jnp.asarray(tokens))), reference)
+
+    ids = tokens[0].tolist()
+    out = generate(ours, [ids], sampler="greedy", max_new_tokens=64)
     hf.generation_config.eos_token_id = None  # run all 64 tokens on both sides
     hf.generation_config.pad_token_id = 0
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
-    prompts = [tokenizer.encode(p) for p in SMOLLM2_PROMPTS]
-    return ours, hf, prompts
-
-
-def test_smollm2_logits_match_hf_transformers(smollm2):
-    ours, hf, prompts = smollm2
-    for ids in prompts:
-        tokens = np.asarray([ids])
-        with torch.no_grad():
-            reference = hf(torch.from_numpy(tokens)).logits.numpy()
-        _assert_close_relative(np.asarray(_forward(ours, jnp.asarray(tokens))), reference)
-
-
-def test_smollm2_greedy_64_tokens_match_hf_transformers(smollm2):
-    from decoding.generate import generate
-
-    ours, hf, prompts = smollm2
-    ids = prompts[0]
-    out = generate(ours, [ids], sampler="greedy", max_new_tokens=64)
     with torch.no_grad():
-        reference = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)
-    assert out.tokens[0] == reference[0, len(ids):].tolist()
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)
     assert len(out.tokens[0]) == 64
+    assert out.tokens[0] == expected[0, len(ids):].tolist()

@@ -157,7 +157,7 @@ def test_other_tfds_dataset_by_name(tmp_path):
 
 
 def test_config_errors_name_the_bad_value():
-    with pytest.raises(ValueError, match=r"'bpe'.*\['byte', 'sentencepiece'\]"):
+    with pytest.raises(ValueError, match=r"'bpe'.*\['byte', 'sentencepiece', 'pretrained'\]"):
         data.DataConfig(tokenizer="bpe")
     with pytest.raises(ValueError, match="tokenizer_path"):
         data.DataConfig(tokenizer="sentencepiece")
