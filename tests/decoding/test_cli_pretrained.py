@@ -110,3 +110,17 @@ def test_hf_directory_decodes_like_the_gguf_file(tmp_path, chat_file):
     assert from_hf["tokens"] == from_gguf["tokens"]
     assert from_hf["prompt_tokens"] == from_gguf["prompt_tokens"]
     assert from_hf["format"] == "hf"
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, chat_file):
+    from models import convert_hf
+    from models.packaged import packaged_gguf
+    from train.pretrained_tokenizer import PretrainedTokenizer
+
+    _, model = chat_file  # 260 ids
+    convert_hf.save_hf(model, tmp_path)
+    smollm2 = PretrainedTokenizer.from_gguf(packaged_gguf("smollm2"))  # 49152 ids
+    smollm2._tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    with pytest.raises(ValueError, match="has 49152 ids but the model's vocabulary has 260"):
+        cli.decode_text(None, "hi", hf_dir=str(tmp_path))
