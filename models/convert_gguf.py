@@ -26,6 +26,7 @@ by name rather than dequantized by code this project has not tested.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -289,6 +290,30 @@ def _add_vocab(writer, vocab: GGUFVocab, vocab_size: int) -> None:
         writer.add_chat_template(vocab.chat_template)
 
 
+@contextlib.contextmanager
+def gguf_writer(path: str | os.PathLike, arch: str):
+    """A gguf.GGUFWriter that writes to a temporary name; when the block ends cleanly the file
+    is written out and renamed to `path`, otherwise it is removed. So a failed write never
+    leaves a half file at `path` or destroys one already there."""
+    import gguf
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_gguf(model: Transformer, path: str | os.PathLike, *, dtype: str = "f32",
               vocab: GGUFVocab | None = None, name: str = "swiftlm",
               context_length: int = 2048) -> None:
@@ -310,11 +335,7 @@ def save_gguf(model: Transformer, path: str | os.PathLike, *, dtype: str = "f32"
         for g, hf in _LAYER_NAMES.items():
             to_gguf[f"model.layers.{i}.{hf}"] = f"blk.{i}.{g}"
 
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    arch = "llama"
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
+    with gguf_writer(path, "llama") as writer:
         writer.add_name(name)
         writer.add_context_length(context_length)
         writer.add_embedding_length(config.d_model)
@@ -339,13 +360,3 @@ def save_gguf(model: Transformer, path: str | os.PathLike, *, dtype: str = "f32"
             if dtype == "f16" and w.ndim > 1:
                 w = w.astype(np.float16)
             writer.add_tensor(to_gguf[hf_key], np.ascontiguousarray(w))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -184,15 +184,15 @@ def hf_worker(args, ids: np.ndarray) -> dict:
 def write_f32_gguf(src: str, dst: str) -> None:
     """Copies GGUF file `src` to `dst` with every tensor dequantized to F32: all metadata
     (tokenizer included) as it is but general.file_type, tensors in the file's own (llama.cpp)
-    layout and order. Written to a temporary name and renamed."""
+    layout and order. Written to a temporary name and renamed (convert_gguf.gguf_writer)."""
     import gguf
     from gguf import quants
 
+    from models.convert_gguf import gguf_writer
+
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(tmp, arch)  # writes general.architecture itself
-    try:
+    with gguf_writer(dst, arch) as writer:  # writes general.architecture itself
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
                 continue
@@ -203,16 +203,6 @@ def write_f32_gguf(src: str, dst: str) -> None:
             shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # numpy order
             values = quants.dequantize(tensor.data, tensor.tensor_type)
             writer.add_tensor(tensor.name, np.asarray(values, np.float32).reshape(shape))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def f32_gguf_path(workdir: str, gguf_path: str) -> str:

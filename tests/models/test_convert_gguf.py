@@ -49,9 +49,14 @@ def write_quantized(model: Transformer, path: str, kind: str, seed: int = 0) -> 
     """`model` as a GGUF file whose 2-D weights are stored as `kind` (norms stay F32, as in
     llama.cpp's files): quantized from the model's values where the gguf package can, else
     random blocks of that type."""
-    writer = gguf.GGUFWriter(path, "llama")
     convert_gguf.save_gguf(model, path + ".f32")  # the F32 file gives names and metadata
     reader = gguf.GGUFReader(path + ".f32")
+    with convert_gguf.gguf_writer(path, "llama") as writer:
+        _copy_quantized(reader, writer, kind, seed)
+    os.remove(path + ".f32")
+
+
+def _copy_quantized(reader, writer, kind: str, seed: int) -> None:
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
@@ -70,11 +75,6 @@ def write_quantized(model: Transformer, path: str, kind: str, seed: int = 0) -> 
         else:
             writer.add_tensor(tensor.name, gguf.quants.quantize(values, T[kind]),
                               raw_dtype=T[kind])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.remove(path + ".f32")
 
 
 def _hf_logits(path: str, tokens: np.ndarray) -> np.ndarray:
@@ -149,8 +149,11 @@ def _rewrite(src: str, dst: str, *, arch: str = "llama", drop: tuple[str, ...] =
              extra_tensor: tuple[str, np.ndarray, object] | None = None,
              extra_kv: dict | None = None) -> None:
     """A copy of GGUF `src` with another architecture name, keys dropped or a tensor added."""
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, arch)
+    with convert_gguf.gguf_writer(dst, arch) as writer:
+        _copy_rewritten(gguf.GGUFReader(src), writer, arch, drop, extra_tensor, extra_kv)
+
+
+def _copy_rewritten(reader, writer, arch, drop, extra_tensor, extra_kv) -> None:
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
@@ -167,10 +170,6 @@ def _rewrite(src: str, dst: str, *, arch: str = "llama", drop: tuple[str, ...] =
     if extra_tensor is not None:
         name, data, raw_dtype = extra_tensor
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
