@@ -95,6 +95,10 @@ class DataConfig:
         if self.tokenizer == "sentencepiece" and not self.tokenizer_path:
             raise ValueError("DataConfig.tokenizer='sentencepiece' needs tokenizer_path "
                              "(a .model file from `python -m train.tokenizer`)")
+        if self.tokenizer == "pretrained" and not self.tokenizer_path:
+            raise ValueError("DataConfig.tokenizer='pretrained' needs tokenizer_path (a .gguf "
+                             "file, a Hugging Face tokenizer folder, or a packaged model name "
+                             "such as 'smollm2')")
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -109,6 +113,17 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
     """The tokenizer `config` names (the trainer takes vocab_size and special ids from it)."""
     if config.tokenizer == "sentencepiece":
         return make_tokenizer("sentencepiece", model_path=config.tokenizer_path)
+    if config.tokenizer == "pretrained":
+        # A real model's own tokenizer (distilling drafts and adapters for it): its GGUF file,
+        # its HF folder, or the short name of a packaged model.
+        from models.packaged import PACKAGED, packaged_gguf
+
+        path = config.tokenizer_path
+        if path in PACKAGED:
+            path = packaged_gguf(path)
+        if os.path.isdir(path):
+            return make_tokenizer("pretrained", hf_dir=path)
+        return make_tokenizer("pretrained", gguf_path=path)
     return make_tokenizer(config.tokenizer)
 
 

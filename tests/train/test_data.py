@@ -161,6 +161,8 @@ def test_config_errors_name_the_bad_value():
         data.DataConfig(tokenizer="bpe")
     with pytest.raises(ValueError, match="tokenizer_path"):
         data.DataConfig(tokenizer="sentencepiece")
+    with pytest.raises(ValueError, match="'pretrained' needs tokenizer_path"):
+        data.DataConfig(tokenizer="pretrained")
     with pytest.raises(ValueError, match="seq_len"):
         data.DataConfig(seq_len=0)
     with pytest.raises(ValueError, match="num_epochs"):
@@ -199,6 +201,25 @@ def test_packing_covers_every_document_once_without_crossing(fake):
     lengths = ByteTokenizer().token_byte_lengths()
     assert sum(data.target_byte_count(b, lengths) for b in batches) == sum(
         len(raw) for raw in source)
+
+
+def test_packs_with_a_real_models_tokenizer(fake):
+    """DataConfig(tokenizer="pretrained") reads a packaged model's tokenizer by short name:
+    documents are that tokenizer's ids between its BOS and EOS (what a draft distilled for
+    the real model trains on)."""
+    from train.pretrained_tokenizer import PretrainedTokenizer
+
+    texts, data_dir = fake
+    config = _config(data_dir, tokenizer="pretrained", tokenizer_path="smollm2")
+    tokenizer = data.load_tokenizer(config)
+    assert isinstance(tokenizer, PretrainedTokenizer) and tokenizer.vocab_size == 49152
+    batch = next(data.make_iterator(config, tokenizer))
+    first = batch["inputs"][0]
+    assert first[0] == tokenizer.bos_id
+    segment = batch["segment_ids"][0]
+    body = first[segment == segment[0]][1:].tolist()  # the first document's ids after BOS
+    decoded = tokenizer.decode(body).rstrip("\ufffd")  # a row may end inside a character
+    assert len(body) > 10 and any(text.startswith(decoded) for text in texts.values()), decoded
 
 
 def test_eval_batches_deterministic_and_padded(fake):
