@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels import window_attention as _wa
+from pallas_kernels.window_inputs import check_inputs, resolve_scale
 
 # Finite "minus infinity": the row max subtracted in softmax makes exp() of it exactly 0, and
 # no row is empty (every query sees itself), so no NaN can appear.
@@ -153,13 +153,13 @@ def blocked_window_attention(q, k, v, windows, *, segment_ids=None, scale=None, 
     Returns:
       [B, T, Hq, D] in q's dtype; softmax in f32.
     """
-    windows = _wa.check_inputs(q, k, v, windows, segment_ids)
+    windows = check_inputs(q, k, v, windows, segment_ids)
     if block is not None and (isinstance(block, bool) or not isinstance(block, numbers.Integral)
                               or block < 1):
         raise ValueError(f"block={block!r} must be a positive int.")
     b, t, hq, d = q.shape
     g = hq // k.shape[2]
-    scale = _wa.resolve_scale(scale, d)
+    scale = resolve_scale(scale, d)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
     windows = tuple(min(w, t) for w in windows)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _compat
+from pallas_kernels.window_inputs import check_inputs, resolve_scale  # noqa: F401 (API)
 from pallas_kernels import window_attention_gpu
 from pallas_kernels import window_attention_tpu
 
@@ -44,48 +45,6 @@ _KERNELS = {"gpu": window_attention_gpu, "tpu": window_attention_tpu}
 # --------------------------------------------------------------------------------------------
 # Input checks shared by every implementation.
 # --------------------------------------------------------------------------------------------
-def check_inputs(q, k, v, windows, segment_ids=None) -> tuple[int, ...]:
-    """Validates shapes and windows; returns the windows as a tuple of Python ints."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError("window attention expects q, k, v of shape [batch, time, heads, "
-                         f"head_dim]; got q{q.shape}, k{k.shape}, v{v.shape}.")
-    b, t, hq, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
-        raise ValueError(f"k{k.shape} and v{v.shape} must both be [{b}, {t}, Hkv, {d}] to "
-                         f"match q{q.shape}.")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
-    hkv = k.shape[2]
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"q has {hq} heads, which is not a multiple of the {hkv} kv heads of "
-                         "k and v (GQA needs Hkv to divide Hq).")
-    if isinstance(windows, jax.Array) or not isinstance(windows, (tuple, list)):
-        raise ValueError("windows must be a static tuple of Python ints, one per q head; got "
-                         f"{type(windows).__name__} {windows!r}.")
-    if len(windows) != hq:
-        raise ValueError(f"windows has {len(windows)} entries {tuple(windows)} but q has {hq} "
-                         "heads; give one window per q head.")
-    out = []
-    for h, w in enumerate(windows):
-        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
-            raise ValueError(f"windows[{h}]={w!r} is not an int; windows must be static ints.")
-        if w < 1:
-            raise ValueError(f"windows[{h}]={w} is invalid: a window counts the keys a query "
-                             "sees including itself, so it must be >= 1.")
-        out.append(int(w))
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (b, t):
-            raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected "
-                             f"[batch, time] = ({b}, {t}).")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids has dtype {segment_ids.dtype}; expected integers.")
-    return tuple(out)
-
-
-def resolve_scale(scale, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
 def window_mask(t: int, windows, segment_ids=None):
     """Boolean visibility [B or 1, H, T, T]: causal, within each head's window, same segment."""
     i = lax.broadcasted_iota(jnp.int32, (1, 1, t, t), 2)
@@ -252,7 +211,7 @@ def window_attention(q, k, v, windows, *, segment_ids=None, scale=None, impl="au
         return window_attention_reference(q, k, v, windows, segment_ids=segment_ids,
                                           scale=scale)
     if impl == "xla_blocked":
-        # Imported here: blocked_attention builds on this module's input checks.
+        # Imported here: only this path needs the blocked implementation.
         from pallas_kernels.blocked_attention import blocked_window_attention
         return blocked_window_attention(q, k, v, windows, segment_ids=segment_ids, scale=scale,
                                         block=block_q if block_q is not None else block_k)
