@@ -15,7 +15,7 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 # Modules whose import registers gin configurables (models register in their own modules).
 CONFIGURABLE_MODULES = (
-    "models.registry", "models.transformer_registration", "train.data", "train.tokenizer",
+    "models.registry", "models.transformer", "models.mswa", "train.data", "train.tokenizer",
     "train.trainer", "train.sharding", "decoding.sampling", "decoding.speculative",
     "experiments.pipeline",
 )

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import registry
 from models.core import ring_cache
 from models.core.protocol import ModelOutput
 from models.core.ring_cache import RingCache
@@ -132,7 +131,6 @@ class MSWAConfig(TransformerConfig):
         return total / (self.n_layers * self.n_heads * self.base_window)
 
 
-@registry.register("mswa", MSWAConfig)
 class MSWA(Transformer):
     """The Transformer baseline with MSWA's per-layer, per-head windows and a ring-buffer
     decoding cache. Parameters are exactly the baseline's, so weights move between them."""

@@ -20,8 +20,17 @@ def register(name: str, config_cls: type):
 
 
 def _ensure_builtin_models_registered():
-    # Importing the model modules runs their @register decorators.
-    import models.transformer_registration  # noqa: F401
+    """Registers the built-in families on first use. The model modules are imported here,
+    lazily and in this one place, so that they never import the registry (no import cycle)
+    and importing the registry stays cheap; a new family adds one line."""
+    if "transformer" in _MODELS:
+        return
+    from models.mswa import MSWA, MSWAConfig
+    from models.transformer import Transformer, TransformerConfig
+
+    for name, config_cls, ctor in (("transformer", TransformerConfig, Transformer),
+                                   ("mswa", MSWAConfig, MSWA)):
+        register(name, config_cls)(ctor)
 
 
 def model_names() -> tuple[str, ...]:
