@@ -279,11 +279,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Imported here: train.data imports this module, and only the CLI needs the corpus.
-    from train import data
+    # Imported here: only the CLI needs the corpus.
+    from train import text_source
 
     args = _parse_args(argv)
-    texts = data.load_text_source(args.dataset, args.split, args.feature, args.data_dir)
+    texts = text_source.load_text_source(args.dataset, args.split, args.feature, args.data_dir)
     if args.max_docs:
         texts = texts[:args.max_docs]
     start = time.perf_counter()
