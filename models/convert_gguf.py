@@ -26,6 +26,7 @@ by name rather than dequantized by code this project has not tested.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -188,10 +189,16 @@ def _hf_name(gguf_name: str) -> str:
     match = _LAYER_TENSOR.fullmatch(gguf_name)
     if match and match.group(2) in _LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no place in a Llama Transformer "
-                     "(rope_freqs.weight means Llama-3.1-style rope scaling, which is not "
-                     "supported)" if gguf_name == "rope_freqs.weight" else
-                     f"GGUF tensor {gguf_name!r} has no place in a Llama Transformer")
+    why = (" (it holds Llama-3.1-style rope scaling, which is not supported)"
+           if gguf_name == "rope_freqs.weight" else "")
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no place in a Llama Transformer{why}")
+
+
+def _check_type(tensor) -> None:
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise ValueError(f"tensor {tensor.name!r} has type {kind}, which is not supported; "
+                         f"valid: {SUPPORTED_TYPES}")
 
 
 def _dequantize(tensor) -> np.ndarray:
@@ -199,10 +206,6 @@ def _dequantize(tensor) -> np.ndarray:
     first)."""
     from gguf import quants
 
-    kind = tensor.tensor_type.name
-    if kind not in SUPPORTED_TYPES:
-        raise ValueError(f"tensor {tensor.name!r} has type {kind}, which is not supported; "
-                         f"valid: {SUPPORTED_TYPES}")
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
     values = quants.dequantize(tensor.data, tensor.tensor_type)
     return np.asarray(values, np.float32).reshape(shape)
@@ -211,21 +214,19 @@ def _dequantize(tensor) -> np.ndarray:
 def load_gguf(path: str | os.PathLike, **overrides: Any) -> tuple[Transformer, GGUFInfo]:
     """A Transformer holding a Llama GGUF file's weights (dequantized to float32), and what
     the file says beside them. overrides set swiftlm-only config fields (dtype,
-    attention_impl). Every tensor type and name is checked before any is dequantized."""
+    attention_impl). The architecture, then every tensor's type and name, are checked before
+    any tensor is dequantized."""
     reader = _reader(path)
     metadata = read_metadata(reader)
     names = [t.name for t in reader.tensors]
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        if kind not in SUPPORTED_TYPES:
-            raise ValueError(f"tensor {tensor.name!r} has type {kind}, which is not supported; "
-                             f"valid: {SUPPORTED_TYPES}")
-        _hf_name(tensor.name)
     if "token_embd.weight" not in names:
         raise ValueError(f"{os.fspath(path)!r} has no token_embd.weight tensor")
     embed = reader.tensors[names.index("token_embd.weight")]
     config = config_from_gguf(metadata, vocab_size=int(embed.shape[-1]),
                               tied="output.weight" not in names, **overrides)
+    for tensor in reader.tensors:
+        _check_type(tensor)
+        _hf_name(tensor.name)
     state_dict = {}
     for tensor in reader.tensors:
         hf_key = _hf_name(tensor.name)
@@ -234,9 +235,7 @@ def load_gguf(path: str | os.PathLike, **overrides: Any) -> tuple[Transformer, G
         state_dict[hf_key] = w if heads is None else deinterleave_rows(w, heads)
     model = convert_hf.from_hf_state_dict(state_dict, config)
     arch = metadata["general.architecture"]
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    types = dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
     info = GGUFInfo(path=os.fspath(path), name=metadata.get("general.name"), architecture=arch,
                     context_length=metadata.get(f"{arch}.context_length"), tensor_types=types,
                     metadata=metadata)
