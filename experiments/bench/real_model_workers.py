@@ -52,18 +52,6 @@ def _case_prompts(ids: np.ndarray, case: str) -> np.ndarray:
     return np.ascontiguousarray(ids[:batch, :prompt_len])
 
 
-def _cast_floating(model, dtype):
-    """`model` with every floating state leaf (weights included) cast to `dtype`."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graph, state = nnx.split(model)
-    state = jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    return nnx.merge(graph, state)
-
-
 def _logits(model, tokens: np.ndarray) -> np.ndarray:
     import jax
     from flax import nnx
@@ -79,6 +67,7 @@ def swiftlm_worker(args, ids: np.ndarray) -> dict:
     from flax import nnx
 
     from decoding.generate import generate, prompt_bucket
+    from experiments.pretrained import cast_weights
     from models.convert_gguf import load_gguf
 
     dtype = args.dtypes[0]
@@ -92,7 +81,7 @@ def swiftlm_worker(args, ids: np.ndarray) -> dict:
     start = time.perf_counter()
     model, _ = load_gguf(args.gguf, dtype=dtype)
     if dtype != "float32":
-        model = _cast_floating(model, jnp.dtype(dtype))
+        model = cast_weights(model, dtype)
     result.update(load_s=round(time.perf_counter() - start, 2), after_load=_rss(),
                   num_params=int(model.num_params()), config=dict(model.config.__dict__))
     if reference is not None:
