@@ -2,6 +2,7 @@
 architectures. A gin config names the model (`experiment.model = "transformer"`) and binds its
 config class (`TransformerConfig.d_model = 256`); the registry turns the name into both.
 """
+import importlib
 from typing import Callable
 
 from flax import nnx
@@ -19,18 +20,22 @@ def register(name: str, config_cls: type):
     return wrap
 
 
+# The built-in families: (registered name, module, config class, constructor). The modules are
+# imported lazily, in this one place, so that no model module imports the registry (no import
+# cycle) and importing the registry stays cheap. A new family adds one line here.
+_BUILTIN_MODELS = (
+    ("transformer", "models.transformer", "TransformerConfig", "Transformer"),
+    ("mswa", "models.mswa", "MSWAConfig", "MSWA"),
+)
+
+
 def _ensure_builtin_models_registered():
-    """Registers the built-in families on first use. The model modules are imported here,
-    lazily and in this one place, so that they never import the registry (no import cycle)
-    and importing the registry stays cheap; a new family adds one line."""
+    """Registers the built-in families on first use."""
     if "transformer" in _MODELS:
         return
-    from models.mswa import MSWA, MSWAConfig
-    from models.transformer import Transformer, TransformerConfig
-
-    for name, config_cls, ctor in (("transformer", TransformerConfig, Transformer),
-                                   ("mswa", MSWAConfig, MSWA)):
-        register(name, config_cls)(ctor)
+    for name, module_name, config_name, ctor_name in _BUILTIN_MODELS:
+        module = importlib.import_module(module_name)
+        register(name, getattr(module, config_name))(getattr(module, ctor_name))
 
 
 def model_names() -> tuple[str, ...]:
