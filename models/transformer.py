@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.core import double_sparse
 from models.core.attention import Attention, check_impl
 from models.core.embedding import Embedding
 from models.core.kv_cache import KVCache, LayerKV
@@ -44,11 +45,20 @@ class TransformerConfig:
     window: int | None = None      # causal window in keys (incl. self); None = full attention
     attention_impl: str = "xla_dense"
     dtype: str = "float32"         # compute dtype; parameters always stay f32
+    # Decode attention (models/core/double_sparse.py, arXiv 2408.07092): "dense" or
+    # "double_sparse" (label channels r, default head_dim // 16; fraction of the context each
+    # query attends; dense up to ds_min_context keys; int8 labels).
+    decode_attention: str = "dense"
+    ds_label_channels: int | None = None
+    ds_token_sparsity: float = 0.0625
+    ds_min_context: int = 256
+    ds_quantize_labels: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: {tuple(DTYPES)}")
         check_impl(self.attention_impl)
+        double_sparse.settings_from_config(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
@@ -75,7 +85,10 @@ class TransformerConfig:
 class Block(nnx.Module):
     """One pre-norm decoder block."""
 
-    def __init__(self, config: TransformerConfig, *, windows=None, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, windows=None, mlp: nnx.Module | None = None,
+                 rngs: nnx.Rngs):
+        """mlp: the feed-forward sublayer (default a SwiGLU of config.resolved_mlp_dim); a
+        family with another MLP (an MoE layer, models/rmoe.py) passes its own."""
         c = config
         # GPT-2's trick: shrink the residual-branch outputs with depth so the residual stream's
         # variance stays near constant at init.
@@ -85,10 +98,12 @@ class Block(nnx.Module):
             c.d_model, c.n_heads, c.n_kv_heads, c.resolved_head_dim,
             windows=windows if windows is not None else (c.window,) * c.n_heads,
             rope_theta=c.rope_theta, impl=c.attention_impl, out_stddev=out_stddev,
-            dtype=c.compute_dtype, rngs=rngs)
+            dtype=c.compute_dtype, double_sparse=double_sparse.settings_from_config(c),
+            rngs=rngs)
         self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
-        self.mlp = SwiGLU(c.d_model, c.resolved_mlp_dim, out_stddev=out_stddev,
-                          dtype=c.compute_dtype, rngs=rngs)
+        self.mlp = mlp if mlp is not None else SwiGLU(
+            c.d_model, c.resolved_mlp_dim, out_stddev=out_stddev, dtype=c.compute_dtype,
+            rngs=rngs)
 
     def __call__(self, x, positions, segment_ids=None):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
@@ -111,11 +126,16 @@ class Transformer(nnx.Module):
         self.vocab_size = c.vocab_size
         self.embed = Embedding(c.vocab_size, c.d_model, dtype=c.compute_dtype, rngs=rngs)
         self.blocks = nnx.List([
-            Block(c, windows=None if block_windows is None else block_windows[i], rngs=rngs)
+            self.make_block(i, None if block_windows is None else block_windows[i], rngs)
             for i in range(c.n_layers)])
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
         if not c.tie_embeddings:
             self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"))
+
+    def make_block(self, layer: int, windows, rngs: nnx.Rngs) -> nnx.Module:
+        """Block `layer` (a hook: families with other blocks, e.g. MoE ones, override it)."""
+        del layer
+        return Block(self.config, windows=windows, rngs=rngs)
 
     # -- training --------------------------------------------------------------------------
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -165,6 +185,7 @@ class Transformer(nnx.Module):
         layers = tuple(
             LayerKV.zeros(batch_size, max_length, c.n_kv_heads, c.resolved_head_dim,
                           c.compute_dtype) for _ in range(c.n_layers))
+        layers = double_sparse.with_label_caches(layers, double_sparse.settings_from_config(c))
         return KVCache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
 
     def extend(self, tokens: jax.Array, cache: KVCache, *, exit_layer: int | None = None,

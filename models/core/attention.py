@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.core import double_sparse
 from models.core.kv_cache import LayerKV
 from models.core.params import param
 from models.core.rope import apply_rope
@@ -101,6 +102,7 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  windows: Sequence[int | None] | None = None, rope_theta: float = 10000.0,
                  impl: str = "xla_dense", out_stddev: float = 0.02, dtype=jnp.float32,
+                 double_sparse: "double_sparse.DoubleSparseSettings | None" = None,
                  rngs: nnx.Rngs):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
@@ -115,6 +117,13 @@ class Attention(nnx.Module):
         self.rope_theta = rope_theta
         self.impl = check_impl(impl)
         self.dtype = dtype
+        # Decode attention: None = dense; else Double Sparsity (models/core/double_sparse.py),
+        # whose calibrated channels set_channels attaches.
+        if double_sparse is not None and any(w is not None for w in windows):
+            raise ValueError(f"double-sparse decode attention needs full attention; got "
+                             f"windows={windows}")
+        self.double_sparse = double_sparse
+        self.ds_channels = None
         self.q_proj = param(rngs, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"))
         self.k_proj = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
         self.v_proj = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
@@ -181,6 +190,10 @@ class Attention(nnx.Module):
         # smallest power-of-two prefix that holds the longest row instead: a few static
         # branches, one chosen at run time, with no recompilation as rows grow.
         sizes = attention_prefixes(kv.max_length)
+        if self.double_sparse is not None:
+            out, kv = double_sparse.extend_attention(self, q, k, kv, positions, attend, sizes)
+            if out is not None:  # None: a prompt, attended densely below
+                return self.output(out), kv
         needed = jnp.max(lengths) + s
         branch = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < needed)
         out = jax.lax.switch(branch, [lambda n=n: attend(n) for n in sizes])

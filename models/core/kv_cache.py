@@ -34,7 +34,7 @@ class LayerKV:
         rows = jnp.arange(k_new.shape[0])[:, None]
         k = self.k.at[rows, positions].set(k_new.astype(self.k.dtype), mode="drop")
         v = self.v.at[rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
-        return LayerKV(k=k, v=v)
+        return self.replace(k=k, v=v)  # keeps a subclass's extra fields (a label cache)
 
 
 @flax.struct.dataclass

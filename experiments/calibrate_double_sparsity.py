@@ -1,0 +1,100 @@
+"""Offline channel calibration for Double Sparsity decode attention (arXiv 2408.07092).
+
+    python -m experiments.calibrate_double_sparsity --workdir=DIR        # a trained checkpoint
+    python -m experiments.calibrate_double_sparsity --pretrained=smollm2  # a packaged model
+
+Runs calibration text from the embedded corpus (the *train* split of the standard library's
+.py files, so held-out evaluation on the validation split stays unseen) through the model and
+ranks, per layer and KV head, the channels by mean |q * k| after RoPE
+(models/double_sparse_calibration.py). The ranking is written, with the model's architecture
+hash, to DIR/double_sparse_channels.json for a workdir, or to
+$SWIFTLM_DATA_DIR/double_sparsity/<name>-<hash>.json for a packaged model (`default_path`),
+where `with_double_sparse` and the benchmarks find it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from models import double_sparse_calibration as dsc
+from train import corpus
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of a trained checkpoint to calibrate.")
+flags.DEFINE_string("pretrained", None, "Packaged pretrained model to calibrate (smollm2).")
+flags.DEFINE_integer("num_rows", 16, "Calibration sequences.")
+flags.DEFINE_integer("seq_len", 512, "Tokens per calibration sequence.")
+flags.DEFINE_string("out", None, "Output file (default: see the module docstring).")
+
+
+def default_path(name: str, config) -> str:
+    """Where a packaged model's calibration lives: keyed by its name and architecture hash."""
+    return os.path.join(corpus.default_data_dir(), "double_sparsity",
+                        f"{name}-{dsc.architecture_hash(config)}.json")
+
+
+def corpus_rows(encode, num_rows: int, seq_len: int, split: str = "train",
+                skip_tokens: int = 0) -> np.ndarray:
+    """[num_rows, seq_len] token ids: the corpus' `split` files (sorted by path) encoded and
+    concatenated, after skipping the first skip_tokens."""
+    root = corpus.stdlib_root()
+    need = num_rows * seq_len + skip_tokens
+    ids: list[int] = []
+    for rel in corpus.list_stdlib_files(root):
+        if corpus.split_of(rel) != split:
+            continue
+        ids.extend(encode(corpus.read_source(root / rel)))
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise ValueError(f"the corpus' {split} split has {len(ids)} tokens; need {need}")
+    return np.asarray(ids[skip_tokens:need], np.int32).reshape(num_rows, seq_len)
+
+
+def load_model(workdir: str | None, pretrained: str | None):
+    """(model, encode, output path, source) for exactly one of workdir / pretrained."""
+    if bool(workdir) == bool(pretrained):
+        raise ValueError(f"give exactly one of --workdir or --pretrained; got workdir={workdir!r}"
+                         f", pretrained={pretrained!r}")
+    if workdir:
+        from train.checkpoint import restore_model
+        from train.tokenizer import make_tokenizer
+        model, name, _ = restore_model(workdir)
+        return model, make_tokenizer("byte").encode, dsc.calibration_path(workdir), workdir
+    from experiments.pretrained import load_pretrained
+    pre = load_pretrained(name=pretrained)
+    return pre.model, pre.tokenizer.encode, default_path(pretrained, pre.model.config), pre.source
+
+
+def run(workdir: str | None = None, pretrained: str | None = None, *, num_rows: int = 16,
+        seq_len: int = 512, out: str | None = None, model=None, encode=None) -> str:
+    """Calibrates and writes the file; returns its path. model/encode: skip loading (tests)."""
+    source = "given model"
+    if model is None:
+        model, encode, path, source = load_model(workdir, pretrained)
+    else:
+        path = None
+    path = out or path
+    if path is None:
+        raise ValueError("give out= when passing a model directly")
+    rows = corpus_rows(encode, num_rows, seq_len)
+    ranking = dsc.calibrate(model, rows)
+    return dsc.save_calibration(path, model, ranking, source=source, num_tokens=rows.size)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    try:
+        path = run(FLAGS.workdir, FLAGS.pretrained, num_rows=FLAGS.num_rows,
+                   seq_len=FLAGS.seq_len, out=FLAGS.out)
+    except ValueError as e:  # one line naming the problem, like the other CLIs
+        sys.exit(f"error: {e}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,316 @@
+"""Reproduction of Double Sparsity (Yang et al. 2024, arXiv 2408.07092) on SmolLM2-135M.
+
+    python -m experiments.reproduce.double_sparsity [--bench_jsonl FILE] [--ppl_rows 4]
+        [--ppl_len 2048] [--retrieval_trials 16] [--out docs/results/double_sparsity.md]
+
+Quality of double-sparse decode attention on a real pretrained model (SmolLM2-135M-Instruct,
+f32, 30 layers, 9 query / 3 KV heads of 64 channels), with r = D/16 = 4 label channels
+calibrated on the corpus' train split (experiments/calibrate_double_sparsity.py), at token
+sparsity 1/4, 1/8, 1/16 against dense (the same model with every token kept, which the tests
+prove equal to dense attention):
+
+1. Perplexity on held-out text (the corpus' validation split, Python source), rows of
+   `ppl_len` tokens fed through `extend` in chunks of 64 tokens, so every query selects its
+   own top tokens over its causal prefix exactly as a decode step would. Scored on the
+   positions past `ds_min_context` = 256 (below it double sparsity is dense by design).
+   Metric ppl_ratio = ppl(sparse) / ppl(dense); the paper's goal here: <= 1.05 at 1/8.
+2. Key-value retrieval: ~100 random "key NNNN -> value NNNN" lines, then "key K -> value";
+   the lines are prefilled (dense, as DoubleSparse prefills) and the question and answer are
+   decoded with double-sparse attention; greedy answer must equal the value
+   (retrieval_accuracy).
+3. The TPU kernel's block-granular selection against token-level selection, on this model's
+   real queries and keys (relative L2 error of one layer's attention output to dense).
+
+Speedups come from the timed benchmark (experiments/bench/double_sparsity.py, run under the
+exclusive CPU lock): pass its JSON lines with --bench_jsonl. Writes the markdown page and a
+plot next to it (experiments/reproduce/double_sparsity_report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import calibrate_double_sparsity as calib
+from experiments.pretrained import load_pretrained
+from experiments.reproduce import double_sparsity_report as report
+from models import double_sparse_calibration as dsc
+from pallas_kernels import double_sparse as ds
+from pallas_kernels import double_sparse_tpu
+
+FRACTIONS = (1, 4, 8, 16)  # 1 = dense (every token kept)
+CHUNK = 64
+MIN_CONTEXT = 256
+
+
+def _ranking(pre):
+    path = calib.default_path("smollm2", pre.model.config)
+    try:
+        return dsc.load_ranking(path, pre.model.config), path
+    except ValueError:
+        calib.run(model=pre.model, encode=pre.tokenizer.encode, out=path)
+        return dsc.load_ranking(path, pre.model.config), path
+
+
+def _models(pre, ranking):
+    return {f: dsc.with_double_sparse(pre.model, ranking, ds_token_sparsity=1.0 / f,
+                                      ds_min_context=MIN_CONTEXT) for f in FRACTIONS}
+
+
+_extend = nnx.jit(lambda m, t, c, n: m.extend(t, c, num_tokens=n))
+
+
+def perplexity(models, rows: np.ndarray) -> dict:
+    """Per fraction: mean NLL and perplexity on positions >= MIN_CONTEXT (next-token)."""
+    b, t = rows.shape
+    out = {}
+    for f, model in models.items():
+        start = time.time()
+        cache = model.init_cache(b, t)
+        nll = []
+        for a in range(0, t, CHUNK):
+            chunk = jnp.asarray(rows[:, a:a + CHUNK])
+            logits, cache = _extend(model, chunk, cache, jnp.full((b,), chunk.shape[1]))
+            logp = jax.nn.log_softmax(logits[:, :-1] if a + CHUNK >= t else logits, axis=-1)
+            targets = rows[:, a + 1:a + 1 + logp.shape[1]]
+            picked = np.take_along_axis(np.asarray(logp), targets[..., None], axis=-1)[..., 0]
+            pos = np.arange(a, a + picked.shape[1])
+            nll.append(-picked[:, pos >= MIN_CONTEXT])
+        nll = np.concatenate(nll, axis=1)
+        out[f] = {"nll": float(nll.mean()), "ppl": float(np.exp(nll.mean())),
+                  "tokens": int(nll.size), "seconds": time.time() - start}
+        print(json.dumps({"perplexity": f, **out[f]}), flush=True)
+    return out
+
+
+def _retrieval_prompts(tokenizer, trials: int, pairs: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(trials):
+        keys = rng.choice(np.arange(1000, 10000), pairs, replace=False)
+        values = rng.integers(1000, 10000, pairs)
+        ask = int(rng.integers(pairs // 10, pairs))  # not in the last tenth: a long reach
+        lines = "".join(f"key {k} -> value {v}\n" for k, v in zip(keys, values))
+        context = "Remember these pairs.\n" + lines
+        question = f"Question: what is the value of key {keys[ask]}?\nkey {keys[ask]} -> value"
+        prompts.append((tokenizer.encode(context), tokenizer.encode(question), str(values[ask])))
+    return prompts
+
+
+def retrieval(models, tokenizer, trials: int, pairs: int, length: int, batch: int = 4,
+              answer_tokens: int = 4) -> dict:
+    """Greedy answers after a dense prefill of the pairs and a double-sparse question."""
+    prompts = _retrieval_prompts(tokenizer, trials, pairs)
+    max_ctx = max(len(c) for c, _, _ in prompts)
+    max_q = max(len(q) for _, q, _ in prompts)
+    if max_q > CHUNK:
+        raise ValueError(f"question of {max_q} tokens; at most {CHUNK}")
+    if max_ctx + CHUNK + answer_tokens > length:  # one cache length: no recompilation
+        raise ValueError(f"{pairs} pairs need {max_ctx} tokens; too many for {length}")
+    prefill_model = models[FRACTIONS[-1]]  # the prefill is dense in every model; labels alike
+    correct = {f: 0 for f in models}
+    examples = {f: [] for f in models}
+    for s in range(0, trials, batch):
+        group = prompts[s:s + batch]
+        n = len(group)
+        ctx = np.zeros((n, max_ctx), np.int32)
+        qst = np.zeros((n, CHUNK), np.int32)
+        for i, (c, q, _) in enumerate(group):
+            ctx[i, :len(c)], qst[i, :len(q)] = c, q
+        ctx_len = jnp.asarray([len(c) for c, _, _ in group], jnp.int32)
+        q_len = np.asarray([len(q) for _, q, _ in group])
+        _, base = _extend(prefill_model, jnp.asarray(ctx), prefill_model.init_cache(n, length),
+                          ctx_len)
+        for f, model in models.items():
+            logits, cache = _extend(model, jnp.asarray(qst), base, jnp.asarray(q_len))
+            tok = np.asarray(jnp.argmax(logits, -1))[np.arange(n), q_len - 1][:, None]
+            answer = [tok]
+            for _ in range(answer_tokens - 1):
+                logits, cache = _extend(model, jnp.asarray(tok), cache, jnp.ones((n,), jnp.int32))
+                tok = np.asarray(jnp.argmax(logits[:, -1:], -1))
+                answer.append(tok)
+            answer = np.concatenate(answer, axis=1)
+            for i, (_, _, value) in enumerate(group):
+                text = tokenizer.decode(answer[i].tolist()).strip()
+                correct[f] += text.startswith(value)
+                if len(examples[f]) < 3:
+                    examples[f].append({"value": value, "answer": text})
+    out = {f: {"accuracy": correct[f] / trials, "trials": trials, "pairs": pairs,
+               "context_tokens": max_ctx, "examples": examples[f]} for f in models}
+    for f in models:
+        print(json.dumps({"retrieval": f, **out[f]}), flush=True)
+    return out
+
+
+def block_error(pre, ranking, rows: np.ndarray, layers=(5, 15, 25), block_ks=(16, 64)) -> dict:
+    """Relative L2 error to dense attention of the last query of each row, at 1/16 of the
+    tokens: token-level Double Sparsity vs the TPU kernel's block-level selection."""
+    model = pre.model
+    t = rows.shape[1]
+    tokens = jnp.asarray(rows)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+
+    @nnx.jit
+    def qkv_at(m, tokens):
+        x, found = m.embed(tokens), []
+        for i, block in enumerate(m.blocks):
+            if i in layers:
+                found.append(block.attn.project(block.attn_norm(x), positions))
+            x = block(x, positions)
+        return found
+
+    r = max(1, model.config.resolved_head_dim // 16)
+    top_k = t // 16
+    errors = {"token": []}
+    errors.update({f"block{bk}": [] for bk in block_ks})
+    for layer, (q, k, v) in zip(layers, qkv_at(model, tokens)):
+        channels = jnp.asarray(ranking[layer][:, :r])
+        labels = ds.make_labels(k, channels)
+        q1 = q[:, -1:]
+        kv_len = jnp.full((q.shape[0], 1), t, jnp.int32)
+        dense = ds.double_sparse_reference(q1, k, v, labels, channels, kv_len, top_k=t)
+        rel = lambda x: float(jnp.linalg.norm(x - dense) / jnp.linalg.norm(dense))  # noqa
+        errors["token"].append(rel(ds.double_sparse_reference(
+            q1, k, v, labels, channels, kv_len, top_k=top_k)))
+        scores = ds.label_scores(q1, labels, channels, kv_len)
+        for bk in block_ks:
+            count = jnp.full(kv_len.shape, top_k, jnp.int32)
+            blk, nv = double_sparse_tpu.select_blocks(scores, count, bk, top_k // bk)
+            out = ds.block_reference(q1, k, v, blk, nv, kv_len,
+                                                    scale=q.shape[-1] ** -0.5, block_k=bk)
+            errors[f"block{bk}"].append(rel(out))
+    result = {name: float(np.mean(v)) for name, v in errors.items()}
+    result.update(layers=list(layers), top_k=top_k, context=t)
+    print(json.dumps({"block_error": result}), flush=True)
+    return result
+
+
+def attention_mass(pre, ranking, row: np.ndarray, layers=(2, 10, 20, 28), queries: int = 32,
+                   fraction: int = 8) -> dict:
+    """Share of each query's dense attention mass on the tokens Double Sparsity keeps (1/8 of
+    the context, group-max label selection) for r = 4, 8, 16 calibrated channels, beside the
+    oracle (the true top tokens) and 4 uncalibrated channels: where the quality goes."""
+    model = pre.model
+    t = row.shape[-1]
+    positions = jnp.arange(t)[None]
+
+    @nnx.jit
+    def qk_at(m, tokens):
+        x, found = m.embed(tokens), []
+        for i, block in enumerate(m.blocks):
+            if i in layers:
+                found.append(block.attn.project(block.attn_norm(x), positions)[:2])
+            x = block(x, positions)
+        return found
+
+    d = model.config.resolved_head_dim
+    settings = {"r=4": 4, "r=8": 8, "r=16": 16}
+    out = {name: [] for name in list(settings) + ["oracle", "r=4 first channels"]}
+    for layer, (q, k) in zip(layers, qk_at(model, jnp.asarray(row[None]))):
+        q, k = np.asarray(q[0]), np.asarray(k[0])
+        g = q.shape[1] // k.shape[1]
+        for name in out:
+            ch = (np.tile(np.arange(4), (k.shape[1], 1)) if name.startswith("r=4 first")
+                  else ranking[layer][:, :settings.get(name, d)])
+            masses = []
+            for pos in range(t - queries, t):
+                n, keep = pos + 1, -(-(pos + 1) // fraction)
+                for h in range(q.shape[1]):
+                    kh = h // g
+                    logit = q[pos, h] @ k[:n, kh].T / np.sqrt(d)
+                    p = np.exp(logit - logit.max())
+                    p /= p.sum()
+                    if name == "oracle":
+                        masses.append(np.sort(p)[::-1][:keep].sum())
+                        continue
+                    heads = range(kh * g, kh * g + g)
+                    label = np.max([q[pos, x, ch[kh]] @ k[:n, kh, ch[kh]].T for x in heads], 0)
+                    masses.append(p[np.argsort(-label)[:keep]].sum())
+            out[name].append(float(np.mean(masses)))
+    result = {"layers": list(layers), "fraction": fraction, "queries": queries, "mass": out}
+    print(json.dumps({"attention_mass": result}), flush=True)
+    return result
+
+
+def channel_sweep(pre, ranking, rows, fraction: int = 8, rs=(8, 16)) -> dict:
+    """Perplexity at 1/fraction of the tokens with more label channels than D/16."""
+    models = {r: dsc.with_double_sparse(pre.model, ranking, ds_token_sparsity=1.0 / fraction,
+                                        ds_min_context=MIN_CONTEXT, ds_label_channels=r)
+              for r in rs}
+    return {"fraction": fraction, "ppl": {r: v for r, v in perplexity(models, rows).items()}}
+
+
+def _int_keys(results: dict) -> dict:
+    """JSON turned the fraction keys into strings; turn them back."""
+    ints = ("perplexity", "retrieval")
+    out = {name: ({int(k): v for k, v in part.items()} if name in ints else part)
+           for name, part in results.items()}
+    if "channel_sweep" in out:
+        out["channel_sweep"]["ppl"] = {int(k): v for k, v in out["channel_sweep"]["ppl"].items()}
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench_jsonl", default=None)
+    p.add_argument("--ppl_rows", type=int, default=4)
+    p.add_argument("--ppl_len", type=int, default=2048)
+    p.add_argument("--retrieval_trials", type=int, default=16)
+    p.add_argument("--retrieval_pairs", type=int, default=100)
+    p.add_argument("--out", default="docs/results/double_sparsity.md")
+    p.add_argument("--results_json", default="workdirs/double_sparsity/results.json",
+                   help="measurements are kept here; --report_only rewrites the page from it")
+    p.add_argument("--report_only", action="store_true")
+    p.add_argument("--channel_sweep", action="store_true",
+                   help="add the r sweep and attention-mass diagnostic to --results_json")
+    args = p.parse_args(argv)
+    start = time.time()
+    if args.report_only or args.channel_sweep:
+        with open(args.results_json) as f:
+            saved = json.load(f)
+        results, meta = _int_keys(saved["results"]), saved["meta"]
+        if args.channel_sweep:
+            pre = load_pretrained(name="smollm2")
+            ranking, _ = _ranking(pre)
+            rows = calib.corpus_rows(pre.tokenizer.encode, args.ppl_rows, args.ppl_len,
+                                     split="validation")
+            results["attention_mass"] = attention_mass(pre, ranking, rows[0, :1024])
+            results["channel_sweep"] = channel_sweep(pre, ranking, rows)
+            meta["minutes"] += (time.time() - start) / 60
+            with open(args.results_json, "w") as f:
+                json.dump({"results": results, "meta": meta}, f)
+    else:
+        pre = load_pretrained(name="smollm2")
+        ranking, cal_path = _ranking(pre)
+        models = _models(pre, ranking)
+        rows = calib.corpus_rows(pre.tokenizer.encode, args.ppl_rows, args.ppl_len,
+                                 split="validation")
+        results = {"block_error": block_error(pre, ranking, rows[:2]),
+                   "perplexity": perplexity(models, rows),
+                   "retrieval": retrieval(models, pre.tokenizer, args.retrieval_trials,
+                                          args.retrieval_pairs, args.ppl_len,
+                                          batch=args.ppl_rows)}  # same shapes: no recompile
+        meta = {"machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+                "calibration": cal_path, "ppl_rows": args.ppl_rows, "ppl_len": args.ppl_len,
+                "min_context": MIN_CONTEXT, "chunk": CHUNK, "r": 4,
+                "minutes": (time.time() - start) / 60}
+        os.makedirs(os.path.dirname(args.results_json) or ".", exist_ok=True)
+        with open(args.results_json, "w") as f:
+            json.dump({"results": results, "meta": meta}, f)
+    bench = []
+    if args.bench_jsonl:
+        with open(args.bench_jsonl) as f:
+            bench = [json.loads(line) for line in f if line.startswith("{")]
+    report.write(results, bench, meta, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
