@@ -6,7 +6,8 @@ The mesh has three named axes:
     fsdp    data parallelism with parameters, gradients and optimizer moments sharded along
             `embed` (ZeRO-3 style; Rajbhandari et al. 2020, arXiv 1910.02054)
     tensor  tensor (model) parallelism over heads, MLP hidden units and the vocabulary
-            (Shoeybi et al. 2019, arXiv 1909.08053)
+            (Shoeybi et al. 2019, arXiv 1909.08053), and expert parallelism over the
+            experts of MoE layers (Lepikhin et al. 2020, arXiv 2006.16668)
 
 Models name their parameter axes (`embed`, `heads`, ...; models/core/params.py) and never
 mention devices; the rules below map those names onto mesh axes. A dimension whose size the
@@ -40,6 +41,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    # Expert parallelism: MoE layers split their experts over the model-parallel axis (an
+    # expert weight's `mlp` dimension then stays whole, since `tensor` is taken).
+    ("expert", "tensor"),
 )
 
 
@@ -183,11 +187,14 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Host numpy batch -> global device arrays (this process's rows in a multi-host run)."""
+    """Host numpy batch -> global device arrays. In a multi-process run every process passes
+    the same whole batch (each builds it from the same data config, so the iterator state is
+    the same everywhere) and each device takes its own rows of it."""
     if jax.process_count() == 1:
         # device_put slices on the host; the multi-host path compiles a slice per device.
         return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    return {k: jax.make_array_from_callback(np.shape(v), sharding,
+                                            lambda index, v=np.asarray(v): v[index])
             for k, v in batch.items()}
 
 

@@ -5,7 +5,9 @@ multi-device training check that tests/train/test_sharding.py drives in a subpro
 Given a one-device run's workdir (ROOT/single, checkpointed every step), the worker resumes
 its step-1 checkpoint under a data-parallel (data=8) and an FSDP (data=2, fsdp=4) mesh in
 ROOT/dp and ROOT/fsdp, and prints one JSON line with those runs' losses and with how the FSDP
-run's checkpoint restores under a tensor-parallel (2, 2, 2) mesh and on one device.
+run's checkpoint restores under a tensor-parallel (2, 2, 2) mesh and on one device; then it
+trains a small RMoE from scratch with its experts sharded over tensor=4 (expert parallelism)
+in ROOT/moe, whose losses the test compares with a one-device run.
 """
 import json
 import os
@@ -67,11 +69,19 @@ SEQ_LEN = 16
 
 MESHES = {"dp": (8, 1, 1), "fsdp": (2, 4, 1)}
 TENSOR_PARALLEL = (2, 2, 2)
+EXPERT_PARALLEL = (2, 1, 4)   # 8 experts over tensor=4, rows over data=2
+MOE_CONFIG_KWARGS = dict(num_experts=8, top_k=2, expert_mlp_dim=16, router_dim=8,
+                         n_layers=2)
 
 
 def model_config():
     from models.transformer import TransformerConfig
     return TransformerConfig(**MODEL_CONFIG_KWARGS)
+
+
+def moe_config():
+    from models.rmoe import RMoEConfig
+    return RMoEConfig(**{**MODEL_CONFIG_KWARGS, **MOE_CONFIG_KWARGS})
 
 
 def train_config(**overrides):
@@ -121,6 +131,15 @@ def main(root: str) -> None:
     result["tp_specs"] = {"lm_head": list(on_tp.lm_head[...].sharding.spec),
                           "mlp.gate": list(on_tp.blocks[0].mlp.gate[...].sharding.spec),
                           "devices": len(on_tp.lm_head[...].sharding.device_set)}
+
+    # Expert parallelism: an RMoE trained from scratch with its experts over tensor=4.
+    moe = trainer.train("rmoe", moe_config(), train_config(steps=3), batches(), None,
+                        os.path.join(root, "moe"), progress=False,
+                        mesh_config=sharding.MeshConfig(*EXPERT_PARALLEL))
+    result["losses"]["moe"] = moe["losses"]
+    restored, _, _ = checkpoint.restore_model(
+        os.path.join(root, "moe"), mesh=sharding.make_mesh(sharding.MeshConfig(*EXPERT_PARALLEL)))
+    result["moe_expert_spec"] = list(restored.blocks[0].mlp.gate[...].sharding.spec)
     print(json.dumps(result))
 
 

@@ -55,7 +55,10 @@ def test_rules_map_model_axes_and_replicate_what_does_not_divide(caplog):
     assert sharding.spec_for(("mlp", "heads"), (8, 8), mesh) == P("tensor", None)
     # Unnamed parameters and unknown names are replicated; axes of size 1 are dropped.
     assert sharding.spec_for(None, (3,), mesh) == P()
-    assert sharding.spec_for(("expert", "embed"), (4, 32), mesh) == P(None, "fsdp")
+    assert sharding.spec_for(("router", "embed"), (4, 32), mesh) == P(None, "fsdp")
+    # Experts take the tensor axis, so an expert weight's mlp dimension stays whole.
+    assert sharding.spec_for(("expert", "embed", "mlp"), (4, 32, 8), mesh) == \
+        P("tensor", "fsdp", None)
     assert sharding.spec_for(("embed",), (32,), _abstract_mesh(8, 1, 1)) == P(None)
     with pytest.raises(ValueError, match="differ in rank"):
         sharding.spec_for(("embed",), (3, 4), mesh)
@@ -124,3 +127,10 @@ def test_data_parallel_and_fsdp_training_match_one_device(tmp_path):
     assert result["tp_specs"]["lm_head"] == ["fsdp", None]
     assert result["tp_specs"]["mlp.gate"] == ["fsdp", "tensor"]
     assert result["tp_specs"]["devices"] == 8
+
+    # Expert parallelism: the MoE model's experts split over tensor=4 train like one device.
+    moe_single = trainer.train("rmoe", helpers.moe_config(), helpers.train_config(steps=3),
+                               helpers.batches(), None, tmp_path / "moe_single", progress=False)
+    np.testing.assert_allclose(result["losses"]["moe"], moe_single["losses"],
+                               rtol=tolerances.F32, atol=tolerances.F32)
+    assert result["moe_expert_spec"] == ["tensor", None, None]
