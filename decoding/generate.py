@@ -5,7 +5,10 @@ sampler (decoding/sampling.py, decoding/speculative/), runs its jitted prefill a
 jitted decoding loop (decoding/loop.py), and only then copies tokens and stats to the host.
 Samplers: plain greedy and sampling, and the speculative family of Leviathan et al. (arXiv
 2211.17192), Chen et al. (arXiv 2302.01318), prompt lookup decoding, FLy (arXiv 2511.22972)
-and Kangaroo-style self-speculation (arXiv 2404.18911).
+and Kangaroo-style self-speculation (arXiv 2404.18911); for masked diffusion LMs, LLaDA's
+remasking, Fast-dLLM, Prophet, LocalLeap and FreeDave (decoding/diffusion/). Every sampler is
+an entry of one registry (`_SAMPLERS`, decoding/registry.py: constructor, draft needs,
+sampling, config class, its own request check), so `generate` has no per-sampler branch.
 
 What recompiles and what does not. Model weights enter jit as arguments (`nnx.split`), not as
 constants. Prompts are padded to a bucket (a power of two, at least 16) and the buffer to a
@@ -25,36 +28,58 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decoding import loop
+from decoding import diffusion, loop
+from decoding.registry import SamplerEntry, needs_causal_model
 from decoding.sampling import INPUTS_KEY, Autoregressive, SamplingConfig
 from decoding.speculative import (DraftModelSpeculative, FlyConfig, FlySpeculative,
                                   NgramConfig, NgramSpeculative, SelfSpecConfig,
                                   SelfSpeculative, SpeculativeConfig)
-from models.early_exit_adapter import EarlyExitAdapter
+from decoding.speculative.self_spec import check_adapter
 
 MIN_PROMPT_BUCKET = 16
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    draft: str  # "required", "optional" (self-speculation's trained adapter) or "none"
-    samples: bool
-    config_cls: type | None
+def _autoregressive(target, draft, config, filters):
+    del draft, config
+    return Autoregressive(target, filters)
 
 
-# name -> what the sampler needs. "_greedy" variants verify by exact argmax match; FLy's
-# default is greedy ("fly"), its T > 0 heuristic is "fly_sample".
-_SAMPLERS: dict[str, _Spec] = {
-    "greedy": _Spec("none", False, None),
-    "sample": _Spec("none", True, None),
-    "speculative_greedy": _Spec("required", False, SpeculativeConfig),
-    "speculative": _Spec("required", True, SpeculativeConfig),
-    "ngram_greedy": _Spec("none", False, NgramConfig),
-    "ngram": _Spec("none", True, NgramConfig),
-    "fly": _Spec("required", False, FlyConfig),
-    "fly_sample": _Spec("required", True, FlyConfig),
-    "self_spec_greedy": _Spec("optional", False, SelfSpecConfig),
-    "self_spec": _Spec("optional", True, SelfSpecConfig),
+def _speculative(target, draft, config, filters):
+    return DraftModelSpeculative(target, draft, config, filters)
+
+
+def _ngram(target, draft, config, filters):
+    del draft
+    return NgramSpeculative(target, config, filters)
+
+
+def _fly(target, draft, config, filters):
+    return FlySpeculative(target, draft, config, filters)
+
+
+def _self_spec(target, draft, config, filters):
+    return SelfSpeculative(target, config, filters, draft)
+
+
+def _ar(build, draft: str, samples: bool, config_cls, check=needs_causal_model) -> SamplerEntry:
+    return SamplerEntry(build, draft, samples, config_cls, check)
+
+
+# The one sampler registry: name -> SamplerEntry (decoding/registry.py). "_greedy" variants
+# verify by exact argmax match; FLy's default is greedy ("fly"), its T > 0 heuristic is
+# "fly_sample". The masked-diffusion samplers list their own entries (decoding/diffusion/).
+_SAMPLERS: dict[str, SamplerEntry] = {
+    "greedy": _ar(_autoregressive, "none", False, None),
+    "sample": _ar(_autoregressive, "none", True, None),
+    "speculative_greedy": _ar(_speculative, "required", False, SpeculativeConfig),
+    "speculative": _ar(_speculative, "required", True, SpeculativeConfig),
+    "ngram_greedy": _ar(_ngram, "none", False, NgramConfig),
+    "ngram": _ar(_ngram, "none", True, NgramConfig),
+    "fly": _ar(_fly, "required", False, FlyConfig),
+    "fly_sample": _ar(_fly, "required", True, FlyConfig),
+    "self_spec_greedy": _ar(_self_spec, "optional", False, SelfSpecConfig, check_adapter),
+    "self_spec": _ar(_self_spec, "optional", True, SelfSpecConfig, check_adapter),
+    **diffusion.SAMPLERS,
 }
 SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
 
@@ -67,7 +92,7 @@ class GenerateOutput:
     stats: dict[str, Any]
 
 
-def sampler_spec(name: str) -> _Spec:
+def sampler_spec(name: str) -> SamplerEntry:
     if name not in _SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {SAMPLERS}")
     return _SAMPLERS[name]
@@ -100,16 +125,7 @@ def make_sampler(name: str, target: nnx.GraphDef, draft: nnx.GraphDef | None = N
     elif not isinstance(config, spec.config_cls):
         raise ValueError(f"sampler {name!r} needs a {spec.config_cls.__name__}, "
                          f"got {type(config).__name__}")
-    filters = None if sampling is None else sampling.filters
-    if name in ("greedy", "sample"):
-        return Autoregressive(target, filters)
-    if name.startswith("speculative"):
-        return DraftModelSpeculative(target, draft, config, filters)
-    if name.startswith("ngram"):
-        return NgramSpeculative(target, config, filters)
-    if name.startswith("fly"):
-        return FlySpeculative(target, draft, config, filters)
-    return SelfSpeculative(target, config, filters, draft)
+    return spec.build(target, draft, config, None if sampling is None else sampling.filters)
 
 
 def sampling_inputs(name: str, sampling: SamplingConfig | None) -> dict[str, Any]:
@@ -178,6 +194,18 @@ def _check_rewind_margin(name: str, sampler_obj, models: dict) -> None:
                 "or lower the sampler's gamma")
 
 
+def _check_min_prompt_length(lengths: np.ndarray, models: dict) -> None:
+    """Models that predict only after a whole first unit of context (the Block Transformer
+    needs one block) declare `config.min_prompt_length`; refuse shorter prompts on the host."""
+    for role, m in models.items():
+        need = getattr(getattr(m, "config", None), "min_prompt_length", None)
+        if need is not None and int(lengths.min()) < need:
+            b = int(lengths.argmin())
+            raise ValueError(f"prompt {b} has {int(lengths[b])} tokens, but the {role} model "
+                             f"needs at least min_prompt_length={need} to start decoding "
+                             "(left-pad it with the pad id, e.g. pads then BOS)")
+
+
 def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *,
              sampler: str = "greedy", max_new_tokens: int | Sequence[int] = 32, seed: int = 0,
              draft_model=None, sampling: SamplingConfig | None = None, config: Any = None,
@@ -238,12 +266,11 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, *
         draft_graph, weights["draft"] = nnx.split(draft_model)
     sampler_obj = make_sampler(sampler, target_graph, draft_graph, sampling=sampling,
                                config=config)
-    if isinstance(sampler_obj, SelfSpeculative) and draft_model is not None:
-        if not isinstance(draft_model, EarlyExitAdapter):
-            raise ValueError(f"sampler {sampler!r} takes an EarlyExitAdapter as its draft "
-                             f"model, got {type(draft_model).__name__}")
-        draft_model.check_target(model, sampler_obj.config.exit_layer)
+    check = sampler_spec(sampler).check
+    if check is not None:
+        check(sampler, sampler_obj, model, draft_model, rows, budgets)
     _check_rewind_margin(sampler, sampler_obj, {"target": model, "draft": draft_model})
+    _check_min_prompt_length(lengths, {"target": model, "draft": draft_model})
     weights.update(sampling_inputs(sampler, sampling))
 
     tokens = np.zeros((len(rows), buffer_length), np.int32)

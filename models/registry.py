@@ -26,6 +26,10 @@ def register(name: str, config_cls: type):
 _BUILTIN_MODELS = (
     ("transformer", "models.transformer", "TransformerConfig", "Transformer"),
     ("mswa", "models.mswa", "MSWAConfig", "MSWA"),
+    ("block_transformer", "models.block_transformer", "BlockTransformerConfig",
+     "BlockTransformer"),
+    ("rmoe", "models.rmoe", "RMoEConfig", "RMoE"),
+    ("diffusion", "models.diffusion", "DiffusionConfig", "DiffusionLM"),
 )
 
 

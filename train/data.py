@@ -49,7 +49,8 @@ import gin
 import grain
 import numpy as np
 
-from train import corpus
+from train import corpus, synthetic_tasks
+from train import block_packing
 from train.text_source import known_dataset_names, load_text_source  # noqa: F401 (API)
 from train.tokenizer import TOKENIZER_NAMES, Tokenizer, encode_document, make_tokenizer
 
@@ -85,6 +86,10 @@ class DataConfig:
     data_dir: str | None = None
     read_threads: int = 2
     prefetch_batches: int = 2
+    # Block Transformer (arXiv 2406.02657): pad documents to blocks of this many tokens so no
+    # block straddles two documents (train/block_packing.py); 0 = plain packing.
+    block_length: int = 0
+    block_first_padding: str = "full"
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZER_NAMES:
@@ -105,6 +110,7 @@ class DataConfig:
                              f"got {self.num_epochs}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"DataConfig.seed must be in [0, 2**32), got {self.seed}")
+        block_packing.check(self.block_length, self.seq_len, self.block_first_padding)
 
 
 def load_tokenizer(config: DataConfig) -> Tokenizer:
@@ -167,6 +173,10 @@ def _packed_rows(config: DataConfig, tokenizer: Tokenizer, split: str, shuffle: 
     docs = docs.repeat(num_epochs).map(_ToPairs(tokenizer))
     read = grain.ReadOptions(num_threads=config.read_threads,
                              prefetch_buffer_size=max(4 * config.read_threads, 1))
+    if config.block_length:
+        return block_packing.packed_rows(
+            docs, block_length=config.block_length, first_padding=config.block_first_padding,
+            seq_len=config.seq_len, pad_id=tokenizer.pad_id, seed=config.seed, read=read)
     length = {"inputs": config.seq_len, "targets": config.seq_len}
     rows = grain.experimental.ConcatThenSplitIterDataset(
         docs.to_iter_dataset(read), length_struct=length)
@@ -212,6 +222,10 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None = None) -> grai
 
     Batches are always full: with finite num_epochs the last partial batch is dropped.
     """
+    if config.dataset == synthetic_tasks.DATASET_NAME:  # generated in code, not a tfds source
+        return synthetic_tasks.make_batches(
+            config.split, seq_len=config.seq_len, batch_size=config.batch_size,
+            seed=config.seed).to_iter_dataset()
     tokenizer = tokenizer or load_tokenizer(config)
     rows = _packed_rows(config, tokenizer, config.split, config.shuffle, config.num_epochs)
     if config.shuffle and config.shuffle_buffer_size > 1:
@@ -248,6 +262,14 @@ def eval_batches(config: DataConfig, tokenizer: Tokenizer | None = None,
     Every document is scored exactly once; the last batch is padded with fully masked rows
     so all batches have shape [batch_size, seq_len].
     """
+    if config.dataset == synthetic_tasks.DATASET_NAME:
+        batches = synthetic_tasks.make_batches(
+            config.eval_split, seq_len=config.seq_len, batch_size=config.batch_size,
+            seed=config.seed, num_examples=256)
+        yield from (_pad_batch(batches[i], config.batch_size, synthetic_tasks.PAD)
+                    for i in range(len(batches))
+                    if max_batches is None or i < max_batches)
+        return
     tokenizer = tokenizer or load_tokenizer(config)
     rows = _packed_rows(config, tokenizer, config.eval_split, shuffle=False, num_epochs=1)
     for i, batch in enumerate(rows.batch(config.batch_size, drop_remainder=False)):

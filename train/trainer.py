@@ -110,9 +110,15 @@ class TrainState:
 # ----------------------------------------------------------------------------- steps
 
 
-def _token_nll(graphdef, params, rest, batch) -> tuple[jax.Array, jax.Array, Any]:
-    """(summed masked token NLL, aux_loss, model metrics) of one forward pass."""
+def _token_nll(graphdef, params, rest, batch, rng=None) -> tuple[jax.Array, jax.Array, Any]:
+    """(summed masked token NLL, aux_loss, model metrics) of one forward pass.
+
+    A model with its own objective (the masked diffusion LM's LLaDA loss) defines
+    `training_loss(batch, rng) -> (summed loss, aux_loss, metrics)`; it is used instead of
+    next-token cross-entropy and divided by the scored-token count like it."""
     model = nnx.merge(graphdef, params, rest)
+    if hasattr(model, "training_loss"):
+        return model.training_loss(batch, jax.random.key(0) if rng is None else rng)
     out = model(batch["inputs"], segment_ids=batch["segment_ids"],
                 positions=batch["positions"])
     nll = optax.softmax_cross_entropy_with_integer_labels(
@@ -138,9 +144,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             raise ValueError(f"batch of {rows} rows does not split into "
                              f"grad_accum_steps={k} equal micro-batches")
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+        # Randomness of model-provided losses (diffusion masking), fresh at every step.
+        rng = jax.random.fold_in(jax.random.key(0), state.step)
 
         def loss_fn(params, micro):
-            nll_sum, aux, metrics = _token_nll(graphdef, params, rest, micro)
+            nll_sum, aux, metrics = _token_nll(graphdef, params, rest, micro, rng)
             return nll_sum / n_tokens + aux / k, (nll_sum, aux, metrics)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -32,6 +32,7 @@ from flax import nnx
 from decoding import loop, sampling
 from decoding.speculative import verify
 from decoding.speculative.base import DraftAndVerify
+from models.early_exit_adapter import EarlyExitAdapter
 
 
 @gin.configurable
@@ -164,6 +165,22 @@ class SelfSpeculative(DraftAndVerify):
                 **state.caches, "draft": adapter.rewind(state.caches["draft"],
                                                          state.lengths - 1)})
         return state
+
+
+def check_adapter(name: str, sampler: SelfSpeculative, model, draft_model, prompts,
+                  budgets) -> None:
+    """The request check of the self_spec samplers (decoding/registry.py): the optional draft
+    is an EarlyExitAdapter trained for this target at the sampler's exit layer."""
+    del prompts, budgets
+    if not hasattr(model, "extend_trunk"):
+        raise ValueError(f"sampler {name!r} drafts from the target's early exit and needs a "
+                         f"Transformer-family target, got {type(model).__name__}")
+    if draft_model is None:
+        return
+    if not isinstance(draft_model, EarlyExitAdapter):
+        raise ValueError(f"sampler {name!r} takes an EarlyExitAdapter as its draft model, got "
+                         f"{type(draft_model).__name__}")
+    draft_model.check_target(model, sampler.config.exit_layer)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))

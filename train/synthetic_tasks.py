@@ -1,0 +1,157 @@
+"""Synthetic tasks with checkable answers, generated in code: a dataset by name
+("synthetic_tasks") for measuring what parallel decoding of a masked diffusion LM costs in
+quality (decoding/diffusion/; spec decoding.md section 6, "a synthetic task with a tiny masked
+diffusion LM trained with section 4.1").
+
+Tasks (byte tokens; answers of 32-64 tokens so that parallel decoding matters):
+    copy      "copy:<s>=" -> s                   (s: min_len..max_len letters a-p)
+    shift     "shift:<s>=" -> each letter of s moved one on, a-p cyclically (p -> a)
+    reverse   "rev:<s>="  -> s reversed          (s: min_len..max_len letters a-p)
+    sort      "sort:<s>=" -> s's letters sorted  (s: min_len..max_len letters a-h)
+    add       "add:<a>+<b>=" -> a + b            (a, b: decimal numbers of min_len // 2..
+              max_len // 2 digits; answers are shorter, ~16-20 tokens)
+
+Examples are SFT rows in LLaDA's layout: BOS + prompt, then the answer padded with EOS to
+`gen_length` tokens, then padding. `loss_mask` is 1 exactly on the gen_length answer slots
+(EOS padding included, as LLaDA scores it), so the masked diffusion loss never masks the
+prompt. `targets` equals `inputs`: a masked diffusion LM predicts tokens in place, so these
+batches are not next-token batches.
+
+Held-out prompts: a problem belongs to the validation split when a hash of its text falls in
+one bucket in ten, and only there; the train split never yields it, whatever the seed.
+Example i of a split is a pure function of (seed, split, i), so the iterator (a grain
+MapDataset) checkpoints and resumes exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import gin
+import grain
+import numpy as np
+
+DATASET_NAME = "synthetic_tasks"
+TASKS = ("copy", "shift", "reverse", "sort", "add")
+SPLITS = ("train", "validation")
+# Byte tokenizer ids (train/tokenizer.py ByteTokenizer).
+BOS, EOS, PAD = 256, 257, 258
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SyntheticTaskConfig:
+    tasks: tuple[str, ...] = ("reverse", "sort")
+    min_len: int = 32
+    max_len: int = 40
+    gen_length: int = 64
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"SyntheticTaskConfig.tasks={self.tasks!r}: valid tasks {TASKS}")
+        if not 2 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 2 <= min_len={self.min_len} <= max_len={self.max_len}")
+        if self.max_len > self.gen_length:
+            raise ValueError(f"max_len={self.max_len} answers do not fit "
+                             f"gen_length={self.gen_length}")
+
+    @property
+    def max_prompt_length(self) -> int:
+        """BOS + the longest prompt ("add:" + two numbers + "+" + "=" is the longest)."""
+        return 1 + max(len("shift:") + self.max_len + 1, len("add:") + self.max_len + 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: list[int]   # BOS + prompt bytes
+    answer: list[int]   # answer bytes (no EOS)
+
+
+def _problem(task: str, rng: np.random.Generator, c: SyntheticTaskConfig) -> tuple[str, str]:
+    n = int(rng.integers(c.min_len, c.max_len + 1))
+    if task in ("copy", "shift"):
+        s = "".join(chr(97 + i) for i in rng.integers(0, 16, n))
+        if task == "copy":
+            return f"copy:{s}=", s
+        return f"shift:{s}=", "".join(chr(97 + (ord(ch) - 97 + 1) % 16) for ch in s)
+    if task == "reverse":
+        s = "".join(chr(97 + i) for i in rng.integers(0, 16, n))
+        return f"rev:{s}=", s[::-1]
+    if task == "sort":
+        s = "".join(chr(97 + i) for i in rng.integers(0, 8, n))
+        return f"sort:{s}=", "".join(sorted(s))
+    digits = [max(n // 2, 1), max(int(rng.integers(c.min_len, c.max_len + 1)) // 2, 1)]
+    a, b = (int("".join(str(d) for d in [rng.integers(1, 10)]
+                        + list(rng.integers(0, 10, k - 1)))) for k in digits)
+    return f"add:{a}+{b}=", str(a + b)
+
+
+def _held_out(prompt: str) -> bool:
+    return hashlib.sha256(prompt.encode()).digest()[0] % 10 == 0
+
+
+def make_example(config: SyntheticTaskConfig, split: str, seed: int, index: int) -> Example:
+    """Example `index` of `split`: deterministic in (config, split, seed, index)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} of {DATASET_NAME!r}; valid: {SPLITS}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    task = config.tasks[int(rng.integers(len(config.tasks)))]
+    while True:  # rejection keeps the two splits disjoint
+        prompt, answer = _problem(task, rng, config)
+        if _held_out(prompt) == (split == "validation"):
+            return Example(task, [BOS] + list(prompt.encode()), list(answer.encode()))
+
+
+def encode_row(example: Example, seq_len: int, gen_length: int) -> dict[str, np.ndarray]:
+    """One batch row: prompt, the EOS-padded answer (scored), padding (segment 0)."""
+    p = len(example.prompt)
+    if p + gen_length > seq_len:
+        raise ValueError(f"prompt of {p} tokens + gen_length={gen_length} exceeds "
+                         f"seq_len={seq_len}; raise DataConfig.seq_len")
+    tokens = np.full(seq_len, PAD, np.int32)
+    tokens[:p] = example.prompt
+    tokens[p:p + gen_length] = example.answer + [EOS] * (gen_length - len(example.answer))
+    real = np.arange(seq_len) < p + gen_length
+    return {"inputs": tokens, "targets": tokens.copy(), "segment_ids": real.astype(np.int32),
+            "positions": np.where(real, np.arange(seq_len), 0).astype(np.int32),
+            "loss_mask": ((np.arange(seq_len) >= p) & real).astype(np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """index -> batch row (a class, not a lambda, so grain can pickle the pipeline)."""
+    config: SyntheticTaskConfig
+    split: str
+    seed: int
+    seq_len: int
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        example = make_example(self.config, self.split, self.seed, int(index))
+        return encode_row(example, self.seq_len, self.config.gen_length)
+
+
+def make_batches(split: str, *, seq_len: int, batch_size: int, seed: int,
+                 num_examples: int | None = None,
+                 config: SyntheticTaskConfig | None = None) -> grain.MapDataset:
+    """Batches of `split` (train: effectively endless; num_examples caps it)."""
+    config = config or SyntheticTaskConfig()
+    n = num_examples if num_examples is not None else 2**31 - 1
+    rows = grain.MapDataset.range(n).map(_Row(config, split, seed, seq_len))
+    return rows.batch(batch_size, drop_remainder=num_examples is None)
+
+
+def held_out_examples(n: int, config: SyntheticTaskConfig | None = None,
+                      seed: int = 1234) -> list[Example]:
+    """n validation problems (never seen in training) for evaluating decoders."""
+    config = config or SyntheticTaskConfig()
+    return [make_example(config, "validation", seed, i) for i in range(n)]
+
+
+def is_correct(example: Example, generated: list[int]) -> bool:
+    """Exact match: the generated ids up to the first EOS equal the answer."""
+    out = list(generated)
+    if EOS in out:
+        out = out[:out.index(EOS)]
+    return out == example.answer
