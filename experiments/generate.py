@@ -53,8 +53,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("draft_gguf", None, "A GGUF draft model sharing the target's "
                         "tokenizer (speculative samplers).", flag_values=fv)
     flags.DEFINE_string("prompt", DEFAULT_PROMPT, "Text to continue.", flag_values=fv)
-    flags.DEFINE_string("sampler", "greedy", "Sampler name (decoding.generate.SAMPLERS).",
+    from decoding.generate import SAMPLERS  # the registry's names, never a copy
+    flags.DEFINE_string("sampler", "greedy", f"Sampler name, one of: {', '.join(SAMPLERS)}.",
                         flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Show full tracebacks of errors.", flag_values=fv)
     flags.DEFINE_string("draft_workdir", None, "Workdir of the draft model (speculative, fly).",
                         flag_values=fv)
     flags.DEFINE_string("adapter_dir", None,
@@ -227,6 +229,10 @@ def decode_text(workdir: str | None, prompt: str, *, sampler: str = "greedy",
     elif adapter_dir:
         from train.adapter_distill import load_adapter
         draft = load_adapter(adapter_dir, target.model)
+    from experiments.decode_budget import check_max_new_tokens
+    check_max_new_tokens([target.model] + ([draft] if draft_workdir or draft_gguf else []),
+                         len(ids), max_new_tokens,
+                         context_length=target.description.get("context_length"))
     stream = _TextStream(target.tokenizer, on_text)
     start = time.perf_counter()
     out = generate(target.model, [ids], sampler=sampler, max_new_tokens=max_new_tokens,
@@ -249,12 +255,20 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     fv = flag_values
     if not (fv.workdir or fv.model or fv.gguf or fv.hf_dir):
         raise app.UsageError("give a model: --workdir, --model, --gguf or --hf_dir")
+    # orbax reports every restore (and a read-only directory) through absl; keep the
+    # console to the text.
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)
     # Importing the decoding package registers its gin configurables before parsing.
     import decoding.generate  # noqa: F401
     from experiments import gin_config
+    from experiments.cli_errors import USER_ERRORS, one_line_error
 
     if fv.gin_file or fv.gin_bindings:
-        gin_config.parse(fv.gin_file, fv.gin_bindings)
+        try:
+            gin_config.parse(fv.gin_file, fv.gin_bindings)
+        except USER_ERRORS as e:
+            raise SystemExit(one_line_error(e, fv.verbose, "generate")) from None
     if not fv.chat:
         print(fv.prompt, end="", flush=True)
     elif fv.stream:
@@ -272,9 +286,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
             temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, gamma=fv.gamma,
             seed=fv.seed, step=fv.step, on_text=show if fv.stream else None,
             chunk_steps=fv.chunk_steps)
-    except ValueError as e:  # bad input: one line naming the problem, no traceback
+    except USER_ERRORS as e:  # bad input: one line naming the problem (--verbose: traceback)
         print()
-        raise app.UsageError(str(e)) from e
+        raise SystemExit(one_line_error(e, fv.verbose, "generate")) from None
     if not fv.stream:
         print(text, end="")
     print()

@@ -15,8 +15,10 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 # Modules whose import registers gin configurables (models register in their own modules).
 CONFIGURABLE_MODULES = (
-    "models.registry", "models.transformer", "models.mswa", "train.data", "train.tokenizer",
+    "models.registry", "models.transformer", "models.mswa", "models.diffusion",
+    "train.synthetic_tasks", "train.data", "train.tokenizer",
     "train.trainer", "train.sharding", "decoding.sampling", "decoding.speculative",
+    "decoding.generate",  # every sampler's config (the registry imports them all)
     "experiments.pipeline",
 )
 
@@ -27,6 +29,9 @@ _GIN_BUILTINS = {"constant", "macro", "singleton"}
 def register_configurables() -> None:
     for name in CONFIGURABLE_MODULES:
         importlib.import_module(name)
+    # The registry imports the model families lazily; import them all now, before a parse
+    # locks the config (a model module imported later could not register its configurable).
+    importlib.import_module("models.registry").model_names()
 
 
 def configurable_names() -> list[str]:
@@ -37,13 +42,24 @@ def configurable_names() -> list[str]:
     return sorted(names - _GIN_BUILTINS)
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs in experiments/configs/ (usable as --gin_file=NAME)."""
+    return sorted(p.name for p in CONFIG_DIR.glob("*.gin"))
+
+
 def resolve_config_file(path: str) -> str:
     """`path` as given, or relative to experiments/configs/ (so `quickstart.gin` works)."""
     for candidate in (path, CONFIG_DIR / path):
         if os.path.isfile(candidate):
             return str(candidate)
-    shipped = sorted(p.name for p in CONFIG_DIR.glob("*.gin"))
-    raise ValueError(f"gin file {path!r} not found; shipped configs: {shipped}")
+    raise ValueError(f"gin file {path!r} not found; shipped configs: {shipped_configs()}")
+
+
+def describe(files: Sequence[str], bindings: Sequence[str]) -> str:
+    """What a run is configured from, for the start of its log: files then bindings."""
+    lines = [f"gin files: {', '.join(files) if files else '(none)'}"]
+    lines += [f"gin binding: {b}" for b in bindings]
+    return "\n".join(lines)
 
 
 def parse(files: Sequence[str] = (), bindings: Sequence[str] = (), *,

@@ -7,13 +7,24 @@ under model/ (a vector metric, e.g. an expert-load histogram, becomes one scalar
 Only process 0 writes, so multi-host runs do not race on the files.
 """
 import os
+import sys
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import tqdm
-from tensorboardX import SummaryWriter
+
+# tensorboardX imports torch, where installed, only to accept torch tensors (which nothing
+# here passes): 4 s of every launch's start. Hide torch from that one import.
+_hidden = "torch" not in sys.modules
+if _hidden:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
+try:
+    from tensorboardX import SummaryWriter
+finally:
+    if _hidden:
+        del sys.modules["torch"]
 
 TENSORBOARD_SUBDIR = "tensorboard"
 
@@ -22,8 +33,8 @@ def _scalars(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for name, value in values.items():
         array = np.asarray(value)
-        if array.size == 1:
-            out[f"{prefix}/{name}"] = float(array)
+        if array.size == 1:  # reshape: numpy refuses float() of a 1-element vector
+            out[f"{prefix}/{name}"] = float(array.reshape(()))
         else:
             for i, v in enumerate(array.ravel()):
                 out[f"{prefix}/{name}/{i}"] = float(v)
@@ -69,6 +80,8 @@ class MetricsLogger:
 
     def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
         self._write(step, _scalars("eval", metrics))
+        if not self._main:
+            return
         shown = ("loss", "perplexity", "bits_per_byte")
         self._bar.write(f"step {step}: eval " + ", ".join(
             f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))

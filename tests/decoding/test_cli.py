@@ -61,3 +61,34 @@ def test_self_speculation_decodes_through_a_saved_adapter(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         cli.decode_text("somewhere", "ab", sampler="self_spec_greedy", draft_workdir="x",
                         adapter_dir=str(tmp_path / "adapter"), restore=restore)
+
+
+def test_too_many_new_tokens_are_refused_at_once_naming_the_largest(monkeypatch, capsys):
+    from decoding.generate import SAMPLERS
+    from experiments import decode_budget
+
+    model = registry.construct(Transformer, helpers.config(vocab=260), seed=0)
+    fake = types.ModuleType("train.checkpoint")
+    fake.restore_model = lambda workdir, step=None: (model, "transformer", model.config)
+    monkeypatch.setitem(sys.modules, "train.checkpoint", fake)
+    flag_values = flags.FlagValues()
+    cli.define_flags(flag_values)
+    assert all(name in flag_values["sampler"].help for name in SAMPLERS)
+    flag_values(["generate", "--workdir=somewhere", "--prompt=ab",
+                 "--max_new_tokens=100000000000"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate"], flag_values)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "max_new_tokens=100000000000 does not fit" in err
+    largest = int(err.split("the largest that fits is ")[1].split()[0])
+    # The boundary is exact: the largest value passes the check, one more does not.
+    budget = 2**20
+    fits, _ = decode_budget.largest_max_new_tokens([model], 3, memory_bytes=budget)
+    decode_budget.check_max_new_tokens([model], 3, fits, memory_bytes=budget)
+    with pytest.raises(ValueError, match=f"largest that fits is {fits} "):
+        decode_budget.check_max_new_tokens([model], 3, fits + 1, memory_bytes=budget)
+    assert 0 < fits < largest
+    with pytest.raises(ValueError, match="context length is 40"):
+        decode_budget.check_max_new_tokens([model], 3, 38, context_length=40)
