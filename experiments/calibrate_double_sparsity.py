@@ -24,11 +24,16 @@ from models import double_sparse_calibration as dsc
 from train import corpus
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a trained checkpoint to calibrate.")
-flags.DEFINE_string("pretrained", None, "Packaged pretrained model to calibrate (smollm2).")
-flags.DEFINE_integer("num_rows", 16, "Calibration sequences.")
-flags.DEFINE_integer("seq_len", 512, "Tokens per calibration sequence.")
-flags.DEFINE_string("out", None, "Output file (default: see the module docstring).")
+
+
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program: importing `run` (tests, notebooks)
+    must not claim flag names such as --workdir that other CLIs define too."""
+    flags.DEFINE_string("workdir", None, "Workdir of a trained checkpoint to calibrate.")
+    flags.DEFINE_string("pretrained", None, "Packaged pretrained model to calibrate (smollm2).")
+    flags.DEFINE_integer("num_rows", 16, "Calibration sequences.")
+    flags.DEFINE_integer("seq_len", 512, "Tokens per calibration sequence.")
+    flags.DEFINE_string("out", None, "Output file (default: see the module docstring).")
 
 
 def default_path(name: str, config) -> str:
@@ -97,4 +102,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

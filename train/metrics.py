@@ -32,6 +32,9 @@ TENSORBOARD_SUBDIR = "tensorboard"
 def _scalars(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for name, value in values.items():
+        if isinstance(value, Mapping):  # nested model metrics (per-layer groups) -> a/b/c
+            out.update(_scalars(f"{prefix}/{name}", value))
+            continue
         array = np.asarray(value)
         if array.size == 1:  # reshape: numpy refuses float() of a 1-element vector
             out[f"{prefix}/{name}"] = float(array.reshape(()))
