@@ -26,11 +26,9 @@ and overwritten later.
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from models.core.kv_cache import LayerKV
-
-_INVALID = np.iinfo(np.int32).max  # a rewind floor no length can reach: the row is poisoned
+from models.core.ring_cache import rewound_floor
 
 
 @flax.struct.dataclass
@@ -57,22 +55,10 @@ class BlockCache:
         """Forget tokens at and past lengths[b]; only `lengths` moves. A target below
         `rewind_floor` or above the current length is an error (see the module docstring)."""
         lengths = jnp.asarray(lengths, jnp.int32)
-        if lengths.shape != self.lengths.shape:
-            raise ValueError(f"rewind lengths have shape {lengths.shape}; expected "
-                             f"{self.lengths.shape} (one per row)")
-        bad = (lengths < self.rewind_floor) | (lengths > self.lengths)
-        if not any(isinstance(x, jax.core.Tracer)
-                   for x in (lengths, self.lengths, self.rewind_floor)):
-            rows = np.flatnonzero(np.asarray(bad))
-            if rows.size:
-                valid = [(int(self.rewind_floor[r]), int(self.lengths[r])) for r in rows]
-                raise ValueError(
-                    f"cannot rewind rows {rows.tolist()} to lengths "
-                    f"{np.asarray(lengths)[rows].tolist()}: the valid targets are "
-                    f"[rewind_floor, length] = {valid}; the Block Transformer keeps the local "
-                    f"state of only {self.slots} blocks (raise rewind_margin to go further)")
-        return self.replace(lengths=lengths,
-                            rewind_floor=jnp.where(bad, _INVALID, self.rewind_floor))
+        floor = rewound_floor(lengths, self.lengths, self.rewind_floor,
+                              f"the Block Transformer keeps the local state of only "
+                              f"{self.slots} blocks (raise rewind_margin to go further)")
+        return self.replace(lengths=lengths, rewind_floor=floor)
 
     def advance(self, num_tokens: jax.Array) -> "BlockCache":
         """Counts num_tokens[b] new tokens per row (after the rings were written). Writing the

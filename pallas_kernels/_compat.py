@@ -20,6 +20,7 @@ import functools
 import math
 from typing import Any, Sequence
 
+import jax
 from jax.experimental.pallas import tpu as pltpu
 
 try:  # The Triton backend is deprecated in 0.11 and may be removed later.
@@ -35,6 +36,24 @@ if pltriton is not None:
 InterpretParams = getattr(pltpu, "InterpretParams", None)
 
 BACKENDS = ("gpu", "tpu")
+
+
+def resolve_style(interpret: Any, backend: str | None, fallback: str) -> tuple[Any, str]:
+    """(interpret, backend) for a ``pallas_call`` on this platform. Pallas only interprets on
+    CPU, so ``interpret=None`` means interpret there; ``backend=None`` means the platform's
+    own kernel style, or the Triton one on CPU (the style the GPU benchmark machines run;
+    tests cover both). Refuses a style that cannot compile here, naming what would work."""
+    platform = jax.default_backend()
+    if interpret is None:
+        interpret = platform not in BACKENDS
+    if backend is None:
+        backend = platform if platform in BACKENDS else "gpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown kernel backend {backend!r}; valid: {BACKENDS}.")
+    if not interpret and platform != backend:
+        raise ValueError(f"impl='pallas' with backend={backend!r} cannot compile on the "
+                         f"{platform!r} platform; pass interpret=True (or {fallback}).")
+    return interpret, backend
 
 
 @functools.cache

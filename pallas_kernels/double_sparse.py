@@ -272,15 +272,7 @@ def double_sparse_attention(q, k, v, k_label, channels, kv_len, *, top_k: int,
         return double_sparse_reference(q, k, v, k_label, channels, kv_len, top_k=top_k,
                                        num_selected=num_selected, label_scale=label_scale,
                                        scale=scale, selection=selection)
-    if interpret is None:
-        interpret = platform not in _compat.BACKENDS
-    if backend is None:
-        backend = platform if platform in _compat.BACKENDS else "gpu"
-    if backend not in _compat.BACKENDS:
-        raise ValueError(f"Unknown kernel backend {backend!r}; valid: {_compat.BACKENDS}.")
-    if not interpret and platform != backend:
-        raise ValueError(f"impl='pallas' with backend={backend!r} cannot compile on the "
-                         f"{platform!r} platform; pass interpret=True or impl='reference'.")
+    interpret, backend = _compat.resolve_style(interpret, backend, "impl='reference'")
     b, s, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     kv_len = _kv_len(kv_len, b, s)

@@ -144,19 +144,8 @@ def _pad_time(x, t_pad: int, value=0):
 
 
 def _pallas(q, k, v, windows, segment_ids, scale, block_q, block_k, interpret, backend):
-    platform = jax.default_backend()
-    if interpret is None:
-        interpret = platform not in _compat.BACKENDS  # Pallas only interprets on CPU
-    if backend is None:
-        # On CPU (interpret mode) either style runs; default to the Triton one, the kernels the
-        # GPU benchmark machines run (kernels.md §5.2). Tests cover both styles.
-        backend = platform if platform in _compat.BACKENDS else "gpu"
-    if backend not in _compat.BACKENDS:
-        raise ValueError(f"Unknown kernel backend {backend!r}; valid: {_compat.BACKENDS}.")
-    if not interpret and platform != backend:
-        raise ValueError(f"impl='pallas' with backend={backend!r} cannot compile on the "
-                         f"{platform!r} platform; pass interpret=True (or impl='reference' / "
-                         "'xla_blocked').")
+    interpret, backend = _compat.resolve_style(interpret, backend,
+                                               "impl='reference' / 'xla_blocked'")
     t = q.shape[1]
     bq, bk, bq_bwd, bk_bwd = default_blocks(backend, t)
     if block_q is not None:

@@ -31,6 +31,26 @@ from models.core.attention import Attention, masked_attention, window_mask
 _INVALID = np.iinfo(np.int32).max  # a rewind floor no length can reach: the row is poisoned
 
 
+def rewound_floor(lengths: jax.Array, current: jax.Array, floor: jax.Array,
+                  why: str) -> jax.Array:
+    """The rewind floor after rewinding rows from `current` to `lengths` in a cache that keeps
+    bounded history. A target below `floor` or above the current length is an error: raised
+    here (naming the rows and `why` the history is bounded) when the values are concrete;
+    under jit the row's floor is poisoned instead, so its next extend yields NaN logits."""
+    if lengths.shape != current.shape:
+        raise ValueError(f"rewind lengths have shape {lengths.shape}; expected "
+                         f"{current.shape} (one per row)")
+    bad = (lengths < floor) | (lengths > current)
+    if not any(isinstance(x, jax.core.Tracer) for x in (lengths, current, floor)):
+        rows = np.flatnonzero(np.asarray(bad))
+        if rows.size:
+            valid = [(int(floor[r]), int(current[r])) for r in rows]
+            raise ValueError(f"cannot rewind rows {rows.tolist()} to lengths "
+                             f"{np.asarray(lengths)[rows].tolist()}: the valid targets are "
+                             f"[rewind_floor, length] = {valid}; {why}")
+    return jnp.where(bad, _INVALID, floor)
+
+
 @flax.struct.dataclass
 class RingGroup:
     """The ring of some kv heads of one layer that share a capacity and a window need."""
@@ -87,21 +107,9 @@ class RingCache:
         length is an error: raised here when the values are concrete, else the row is marked
         invalid (see the module docstring)."""
         lengths = jnp.asarray(lengths, jnp.int32)
-        if lengths.shape != self.lengths.shape:
-            raise ValueError(f"rewind lengths have shape {lengths.shape}; expected "
-                             f"{self.lengths.shape} (one per row)")
-        bad = (lengths < self.rewind_floor) | (lengths > self.lengths)
-        if not any(isinstance(x, jax.core.Tracer)
-                   for x in (lengths, self.lengths, self.rewind_floor)):
-            rows = np.flatnonzero(np.asarray(bad))
-            if rows.size:
-                valid = [(int(self.rewind_floor[r]), int(self.lengths[r])) for r in rows]
-                raise ValueError(
-                    f"cannot rewind rows {rows.tolist()} to lengths "
-                    f"{np.asarray(lengths)[rows].tolist()}: the valid targets are "
-                    f"[rewind_floor, length] = {valid}; a ring buffer keeps only "
-                    "rewind_margin tokens of history beyond the windows")
-        floor = jnp.where(bad, _INVALID, self.rewind_floor)
+        floor = rewound_floor(lengths, self.lengths, self.rewind_floor,
+                              "a ring buffer keeps only rewind_margin tokens of history "
+                              "beyond the windows")
         return self.replace(lengths=lengths, rewind_floor=floor)
 
     def advance(self, num_tokens: jax.Array) -> "RingCache":
