@@ -131,12 +131,19 @@ def _verdicts(rows: list[dict], bench: list[dict]) -> list[tuple[str, str, str]]
     decode = [b for b in ratios.values() if b["case"].startswith("decode_heavy")]
     if decode:
         top = max(decode, key=lambda b: b["batch"])
-        verdict = "reproduced" if top["value"] >= 10 else "not at this scale"
-        out.append(("10-20x inference throughput vs vanilla (the paper: at equivalent "
-                    "perplexity; here: at equal non-embedding parameters)", verdict,
-                    f"{top['value']:.2f}x generated tokens/s in {top['case']} (goal here 5x) "
-                    "at equal parameters, where the block model's loss is worse; at equal "
-                    "perplexity not established at this scale (see the rows below)"))
+        # The paper's claim is at equivalent perplexity: it holds here only if some block
+        # model reached vanilla's loss (within 1%) as well as the throughput.
+        vanilla = by.get("vanilla", {}).get("val_bits_per_byte")
+        equal_quality = vanilla is not None and any(
+            r["val_bits_per_byte"] <= vanilla * 1.01 for c, r in by.items() if c != "vanilla")
+        verdict = ("reproduced" if top["value"] >= 10 and equal_quality
+                   else "not at this scale")
+        out.append(("10-20x inference throughput vs vanilla at equivalent perplexity",
+                    verdict,
+                    f"{top['value']:.2f}x generated tokens/s in {top['case']} (goal here 5x), "
+                    "but at equal non-embedding parameters, where the block model's loss is "
+                    "worse" + ("" if equal_quality else "; no block model reached vanilla's "
+                               "loss at this scale (see the rows below)")))
     else:
         out.append(("10-20x inference throughput vs vanilla", "not at this scale",
                     "no bench lines were given (--bench_jsonl)"))
@@ -148,7 +155,6 @@ def _verdicts(rows: list[dict], bench: list[dict]) -> list[tuple[str, str, str]]
     bigger = [by[c] for c in ("block_2x", "block_3x") if c in by]
     if bigger and "vanilla" in by:
         v = by["vanilla"]["val_bits_per_byte"]
-        best = min(bigger, key=lambda r: r["val_bits_per_byte"])
         matched = [r["case"] for r in bigger if r["val_bits_per_byte"] <= v * 1.01]
         if matched:
             verdict, detail = "reproduced", f"{', '.join(matched)} within 1% of vanilla or better"
