@@ -23,7 +23,7 @@ prove equal to dense attention):
 
 Speedups come from the timed benchmark (experiments/bench/double_sparsity.py, run under the
 exclusive CPU lock): pass its JSON lines with --bench_jsonl. Writes the markdown page and a
-plot next to it (experiments/reproduce/double_sparsity_report.py).
+plot next to it (experiments/results_pages/double_sparsity.py).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from flax import nnx
 
 from experiments import calibrate_double_sparsity as calib
 from experiments.pretrained import load_pretrained
-from experiments.reproduce import double_sparsity_report as report
+from experiments.results_pages import double_sparsity as report
 from models import double_sparse_calibration as dsc
 from pallas_kernels import double_sparse as ds
 from pallas_kernels import double_sparse_tpu

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import gin_config, pipeline
-from experiments.reproduce import rmoe_report
+from experiments.results_pages import rmoe as rmoe_report
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 
