@@ -4,7 +4,7 @@ A worker loads SmolLM2-135M-Instruct from the packaged GGUF file with one framew
 greedy decoding of the prompts the parent tokenized (an .npz file) and prints one JSON dict as
 the last line of its stdout: per case the best time of a 1-new-token call and of an
 N-new-token call and the N tokens, optionally a prefill time, and the process's peak resident
-memory (ru_maxrss, read last, so it covers loading as well as decoding).
+memory (VmHWM, read last, so it covers loading as well as decoding).
 
     swiftlm   load_gguf (f32, or bf16 compute with every floating weight cast to bf16);
               generate(..., eos_id=None, max_length=M) with the same M for both calls, so the
@@ -25,8 +25,14 @@ MIB = 2 ** 20
 
 
 def _rss() -> dict:
-    """Peak resident memory so far (ru_maxrss: KiB on Linux) and the current one, in MiB."""
+    """Peak resident memory so far and the current one, in MiB. The peak is /proc's VmHWM,
+    not ru_maxrss: Linux carries ru_maxrss across exec, so a worker spawned by a big parent
+    (a pytest process, say) would report the parent's peak as its own."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024  # kB
     with open("/proc/self/statm") as f:
         current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
     return {"peak_rss_mib": round(peak, 1), "rss_mib": round(current, 1)}
