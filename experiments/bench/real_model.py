@@ -14,7 +14,7 @@ a different file per row, tokenized without special tokens by HF's tokenizer of 
 file and cut to exactly the prompt length (files too short are skipped).
 
 Each framework runs in its own subprocess (`--worker`), one after another, never in parallel,
-so `peak_rss_mib` (ru_maxrss at the worker's end) is that framework's own peak, loading
+so `peak_rss_mib` (VmHWM at the worker's end) is that framework's own peak, loading
 included; `rss_after_load_mib` and `rss_end_mib` sit beside it. For each case every side times
 whole calls of N = --new_tokens new tokens and of 1 new token (best of --repeats each, after a
 warm-up: swiftlm's compilation, HF's first-call allocations); the difference is the N - 1
@@ -240,7 +240,8 @@ def run(args) -> list[dict]:
     """Tokenizes the prompts, runs the workers one after another and prints the lines."""
     from models.packaged import packaged_gguf
 
-    args.gguf = packaged_gguf(MODEL)
+    model_name = MODEL if args.gguf is None else os.path.basename(args.gguf)
+    args.gguf = args.gguf or packaged_gguf(MODEL)
     os.makedirs(args.workdir, exist_ok=True)
     bf16 = "swiftlm" in args.frameworks and "bfloat16" in args.dtypes
     rows = max([_parse_case(c)[0] for c in args.cases] + [4 if bf16 else 1])
@@ -267,7 +268,7 @@ def run(args) -> list[dict]:
                     reasons[framework] = str(e)
     finally:
         os.remove(prompts)
-    common = {"model": MODEL, "gguf": os.path.basename(args.gguf), "cpus": os.cpu_count(),
+    common = {"model": model_name, "gguf": os.path.basename(args.gguf), "cpus": os.cpu_count(),
               "machine": platform.machine(), "python": platform.python_version(),
               "versions": {k: v for r in results.values() for k, v in r["versions"].items()},
               "prompt_files": files, "load_avg_1m": round(os.getloadavg()[0], 2)}
@@ -306,7 +307,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="threads for the HF side (default: os.cpu_count())")
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)  # internal
     p.add_argument("--prompts", help=argparse.SUPPRESS)  # internal: the parent's .npz
-    p.add_argument("--gguf", help=argparse.SUPPRESS)     # internal: the packaged file
+    p.add_argument("--gguf", help="a GGUF file to load instead of the packaged "
+                   f"{MODEL} (the tests use a tiny random one)")
     args = p.parse_args(argv)
     try:
         args.cases = _csv(args.cases) or [f"b{b}_p{n}" for b in _csv(args.batches)

@@ -8,7 +8,7 @@ import pytest
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
-from tests.experiments import tiny_corpus  # noqa: E402
+from tests.experiments import tiny_corpus, tiny_gguf  # noqa: E402
 
 NOTEBOOK_DIR = pathlib.Path(__file__).parents[2] / "experiments" / "notebooks"
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
@@ -26,20 +26,6 @@ def test_notebooks_ship_stripped():
         assert "google.colab" in code[0].source and "jax.devices()" in code[0].source
 
 
-def _tiny_gguf(path: pathlib.Path) -> str:
-    from models import convert_gguf
-    from tests.decoding import helpers
-    from train import gguf_vocab
-    from train.tokenizer import ByteTokenizer
-
-    vocab = gguf_vocab.gguf_vocab(ByteTokenizer(), 260)
-    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}[assistant] {% endif %}")
-    convert_gguf.save_gguf(helpers.model(vocab=260), str(path), vocab=convert_gguf.GGUFVocab(
-        **{**vocab.__dict__, "chat_template": template}))
-    return str(path)
-
-
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SWIFTLM_NOTEBOOK_QUICK", "1")
@@ -49,7 +35,7 @@ def test_notebook_runs(name, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SWIFTLM_DATA_DIR", tiny_corpus.build(tmp_path / "data"))
     if name == "speculative_real_model.ipynb":
         # A tiny random GGUF with a chat template stands in for SmolLM2 (minutes on 2 cores).
-        monkeypatch.setenv("SWIFTLM_NOTEBOOK_GGUF", _tiny_gguf(tmp_path / "tiny.gguf"))
+        monkeypatch.setenv("SWIFTLM_NOTEBOOK_GGUF", tiny_gguf.write(tmp_path / "tiny.gguf"))
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
