@@ -62,8 +62,10 @@ def load_pretrained(*, name: str | None = None, gguf: str | None = None,
     if name:
         gguf = packaged.packaged_gguf(name)
     if gguf:
-        model, gguf_info = convert_gguf.load_gguf(gguf, **overrides)
-        tokenizer = PretrainedTokenizer.from_gguf(gguf)
+        reader = convert_gguf.open_gguf(gguf)   # parsed once for weights and tokenizer
+        model, gguf_info = convert_gguf.load_gguf(reader, **overrides)
+        tokenizer = PretrainedTokenizer.from_gguf(reader)
+        del reader   # its memory map of the file goes with it
         info = {"format": "gguf", "name": gguf_info.name,
                 "tensor_types": gguf_info.tensor_types,
                 "context_length": gguf_info.context_length}

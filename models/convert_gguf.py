@@ -80,9 +80,15 @@ class GGUFInfo:
 
 # -- reading -------------------------------------------------------------------------------
 
-def _reader(path: str | os.PathLike):
+def open_gguf(path):
+    """A gguf.GGUFReader of the file at `path` (a reader is returned as it is). Parsing the
+    metadata of a real model's file (its 49k tokenizer strings) takes seconds of Python, so a
+    loader that wants the weights and the tokenizer opens the file once and hands the reader
+    to both load_gguf and PretrainedTokenizer.from_gguf."""
     import gguf  # imported here: only GGUF users need the package
 
+    if isinstance(path, gguf.GGUFReader):
+        return path
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file {path!r} does not exist")
@@ -211,12 +217,13 @@ def _dequantize(tensor) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(shape)
 
 
-def load_gguf(path: str | os.PathLike, **overrides: Any) -> tuple[Transformer, GGUFInfo]:
+def load_gguf(path, **overrides: Any) -> tuple[Transformer, GGUFInfo]:
     """A Transformer holding a Llama GGUF file's weights (dequantized to float32), and what
-    the file says beside them. overrides set swiftlm-only config fields (dtype,
-    attention_impl). The architecture, then every tensor's type and name, are checked before
-    any tensor is dequantized."""
-    reader = _reader(path)
+    the file says beside them. `path` is the file or a reader of it (open_gguf). overrides
+    set swiftlm-only config fields (dtype, attention_impl). The architecture, then every
+    tensor's type and name, are checked before any tensor is dequantized."""
+    reader = open_gguf(path)
+    path = os.fspath(reader.data.filename) if reader is path else path
     metadata = read_metadata(reader)
     names = [t.name for t in reader.tensors]
     if "token_embd.weight" not in names:

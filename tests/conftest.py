@@ -1,4 +1,5 @@
-"""Shared pytest setup: CPU only, float32 matmuls at full precision, quiet Pallas warnings."""
+"""Shared pytest setup: CPU only, float32 matmuls at full precision, quiet Pallas warnings, and
+under xdist one jax compilation cache for the whole run."""
 import os
 import warnings
 
@@ -13,6 +14,23 @@ warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated
 
 import gin  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """Under xdist, points jax's persistent compilation cache at one directory of this run
+    (beside the workers' temporary directories; pytest rotates it away with them). Many tests
+    compile the same programs (the shared tiny models through the same samplers) in different
+    files and workers, and the subprocess tests (launches, sweeps, notebooks) compile what
+    in-process tests did: each compiles once. Runs before any test module is imported, so
+    before jax decides whether a cache is in use."""
+    if not hasattr(config, "workerinput") or not config.option.basetemp:
+        return
+    import pathlib
+    path = pathlib.Path(config.option.basetemp).parent / "jax_compile_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # subprocesses inherit it
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @pytest.fixture(autouse=True)

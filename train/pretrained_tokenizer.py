@@ -154,14 +154,20 @@ class PretrainedTokenizer:
     # ----------------------------------------------------------------------------- loaders
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> PretrainedTokenizer:
-        """The tokenizer stored in a GGUF file's metadata (tokenizer.ggml.*)."""
+    def from_gguf(cls, path) -> PretrainedTokenizer:
+        """The tokenizer stored in a GGUF file's metadata (tokenizer.ggml.*). `path` is the
+        file or a gguf.GGUFReader of it (models.convert_gguf.open_gguf), so that a loader
+        parses the file's metadata once for the weights and the tokenizer."""
         import gguf  # only GGUF loading needs it
 
-        path = str(path)
-        if not pathlib.Path(path).is_file():
-            raise ValueError(f"GGUF file {path!r} does not exist")
-        fields = gguf.GGUFReader(path).fields
+        if isinstance(path, gguf.GGUFReader):
+            reader, path = path, str(path.data.filename)
+        else:
+            path = str(path)
+            if not pathlib.Path(path).is_file():
+                raise ValueError(f"GGUF file {path!r} does not exist")
+            reader = gguf.GGUFReader(path)
+        fields = reader.fields
 
         def get(key: str, default: Any = None) -> Any:
             return fields[key].contents() if key in fields else default
