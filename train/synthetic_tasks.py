@@ -10,6 +10,20 @@ Tasks (byte tokens; answers of 32-64 tokens so that parallel decoding matters):
     sort      "sort:<s>=" -> s's letters sorted  (s: min_len..max_len letters a-h)
     add       "add:<a>+<b>=" -> a + b            (a, b: decimal numbers of min_len // 2..
               max_len // 2 digits; answers are shorter, ~16-20 tokens)
+    add_lsd   "add:<a>+<b>=" -> a + b, every number written least-significant digit first
+              (a, b: n = min_len..max_len digits each; answers of n or n + 1 digits)
+    either    "any:<s>=" -> s or shift(s), drawn at random per example: both answers are
+              correct, so the answer distribution has two modes
+
+Answer tokens that depend on each other are what make committing many per step risky; copy
+and shift, whose tokens each depend on one prompt position alone, saturate every sampler (yet
+they are what the shipped experiments/configs/diffusion_task_tiny.gin trains on). `either`
+and `add_lsd` have dependent answer tokens: in `either` each token alone is a coin flip
+between two letters, but one committed token fixes all the others, so committing several
+from the all-masked state can mix the two answers; in `add_lsd` (written LSD first, a_{i-1},
+b_{i-1} and c_{i-1} fix carry_i) a carry through a run of a_j + b_j = 9 is uncertain from an
+all-masked answer. The tiny model learned neither within the CPU budget
+(docs/results/diffusion_samplers.md, notes).
 
 Examples are SFT rows in LLaDA's layout: BOS + prompt, then the answer padded with EOS to
 `gen_length` tokens, then padding. `loss_mask` is 1 exactly on the gen_length answer slots
@@ -32,7 +46,7 @@ import grain
 import numpy as np
 
 DATASET_NAME = "synthetic_tasks"
-TASKS = ("copy", "shift", "reverse", "sort", "add")
+TASKS = ("copy", "shift", "reverse", "sort", "add", "add_lsd", "either")
 SPLITS = ("train", "validation")
 # Byte tokenizer ids (train/tokenizer.py ByteTokenizer).
 BOS, EOS, PAD = 256, 257, 258
@@ -59,7 +73,8 @@ class SyntheticTaskConfig:
     @property
     def max_prompt_length(self) -> int:
         """BOS + the longest prompt ("add:" + two numbers + "+" + "=" is the longest)."""
-        return 1 + max(len("shift:") + self.max_len + 1, len("add:") + self.max_len + 2)
+        longest = 2 * self.max_len if "add_lsd" in self.tasks else self.max_len
+        return 1 + max(len("shift:") + self.max_len + 1, len("add:") + longest + 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,25 +82,51 @@ class Example:
     task: str
     prompt: list[int]   # BOS + prompt bytes
     answer: list[int]   # answer bytes (no EOS)
+    others: tuple[tuple[int, ...], ...] = ()   # other correct answers
 
 
-def _problem(task: str, rng: np.random.Generator, c: SyntheticTaskConfig) -> tuple[str, str]:
+def _shift(s: str) -> str:
+    return "".join(chr(97 + (ord(ch) - 97 + 1) % 16) for ch in s)
+
+
+def _problem(task: str, rng: np.random.Generator, c: SyntheticTaskConfig
+             ) -> tuple[str, str, tuple[str, ...]]:
+    """(prompt, the answer, other correct answers)."""
     n = int(rng.integers(c.min_len, c.max_len + 1))
-    if task in ("copy", "shift"):
+    if task in ("copy", "shift", "either"):
         s = "".join(chr(97 + i) for i in rng.integers(0, 16, n))
         if task == "copy":
-            return f"copy:{s}=", s
-        return f"shift:{s}=", "".join(chr(97 + (ord(ch) - 97 + 1) % 16) for ch in s)
+            return f"copy:{s}=", s, ()
+        if task == "shift":
+            return f"shift:{s}=", _shift(s), ()
+        answers = (s, _shift(s)) if rng.integers(2) == 0 else (_shift(s), s)
+        return f"any:{s}=", answers[0], answers[1:]
     if task == "reverse":
         s = "".join(chr(97 + i) for i in rng.integers(0, 16, n))
-        return f"rev:{s}=", s[::-1]
+        return f"rev:{s}=", s[::-1], ()
     if task == "sort":
         s = "".join(chr(97 + i) for i in rng.integers(0, 8, n))
-        return f"sort:{s}=", "".join(sorted(s))
+        return f"sort:{s}=", "".join(sorted(s)), ()
+    if task == "add_lsd":
+        return (*_add_lsd(n, rng), ())
     digits = [max(n // 2, 1), max(int(rng.integers(c.min_len, c.max_len + 1)) // 2, 1)]
     a, b = (int("".join(str(d) for d in [rng.integers(1, 10)]
                         + list(rng.integers(0, 10, k - 1)))) for k in digits)
-    return f"add:{a}+{b}=", str(a + b)
+    return f"add:{a}+{b}=", str(a + b), ()
+
+
+def _add_lsd(n: int, rng: np.random.Generator) -> tuple[str, str]:
+    """Two n-digit numbers and their sum, least-significant digit first (no leading zeros:
+    the last digit written is nonzero)."""
+    a, b = rng.integers(0, 10, (2, n))
+    a[-1], b[-1] = rng.integers(1, 10, 2)
+    out, carry = [], 0
+    for x, y in zip(a, b):
+        carry, digit = divmod(int(x + y) + carry, 10)
+        out.append(digit)
+    out += [carry] if carry else []
+    text = lambda ds: "".join(str(int(d)) for d in ds)  # noqa: E731
+    return f"add:{text(a)}+{text(b)}=", text(out)
 
 
 def _held_out(prompt: str) -> bool:
@@ -99,9 +140,10 @@ def make_example(config: SyntheticTaskConfig, split: str, seed: int, index: int)
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     task = config.tasks[int(rng.integers(len(config.tasks)))]
     while True:  # rejection keeps the two splits disjoint
-        prompt, answer = _problem(task, rng, config)
+        prompt, answer, others = _problem(task, rng, config)
         if _held_out(prompt) == (split == "validation"):
-            return Example(task, [BOS] + list(prompt.encode()), list(answer.encode()))
+            return Example(task, [BOS] + list(prompt.encode()), list(answer.encode()),
+                           tuple(tuple(o.encode()) for o in others))
 
 
 def encode_row(example: Example, seq_len: int, gen_length: int) -> dict[str, np.ndarray]:
@@ -150,8 +192,9 @@ def held_out_examples(n: int, config: SyntheticTaskConfig | None = None,
 
 
 def is_correct(example: Example, generated: list[int]) -> bool:
-    """Exact match: the generated ids up to the first EOS equal the answer."""
+    """Exact match: the generated ids up to the first EOS equal the answer (or another
+    correct one)."""
     out = list(generated)
     if EOS in out:
         out = out[:out.index(EOS)]
-    return out == example.answer
+    return out == example.answer or tuple(out) in example.others

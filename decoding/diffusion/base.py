@@ -1,7 +1,8 @@
 """The masked-diffusion sampler on the shared loop (DESIGN.md, "The decoding loop"; spec
 decoding.md section 4.8): one init/step pair whose commit rule is LLaDA's top-k remasking
-(low confidence or random), Fast-dLLM's threshold or LocalLeap's anchors, with Prophet's
-early commit, the end-of-text stop and Fast-dLLM's block caches as options of all of them.
+(low confidence or random), Fast-dLLM's threshold, LocalLeap's anchors or Learn2PD's learned
+filter, with Prophet's early commit, the end-of-text stop and Fast-dLLM's block caches as
+options of all of them.
 
 Buffer. `init` fills every row's generation slots [prompt_length, limit) with the model's
 MASK id; `step` runs one forward (one NFE, the loop's target_calls), commits positions of the
@@ -29,10 +30,10 @@ import numpy as np
 from flax import nnx
 
 from decoding import loop
-from decoding.diffusion import cache, eotp, localleap, prophet, remasking, threshold
+from decoding.diffusion import cache, eotp, learn2pd, localleap, prophet, remasking, threshold
 from decoding.diffusion.config import DiffusionSamplerConfig
 
-RULES = ("low_confidence", "random", "threshold", "localleap")
+RULES = ("low_confidence", "random", "threshold", "localleap", "learn2pd")
 COUNTERS = ("row_forwards", "early_commits", "early_commit_steps", "eot_stops")
 
 
@@ -104,11 +105,13 @@ def mask_id_of(graph: nnx.GraphDef, weights) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MaskedDiffusion:
-    """A masked-diffusion sampler: `rule` in RULES, plus the config's options."""
+    """A masked-diffusion sampler: `rule` in RULES, plus the config's options (`filter`:
+    Learn2PD's trained filter, for rule "learn2pd")."""
     target: nnx.GraphDef
     config: DiffusionSamplerConfig
     rule: str = "low_confidence"
     force_prophet: bool = False
+    filter: learn2pd.Filter | None = None
 
     @property
     def hist_size(self) -> int:
@@ -153,10 +156,13 @@ class MaskedDiffusion:
             return threshold.threshold_commit(conf, candidates, c.threshold)
         if self.rule == "localleap":
             return localleap.localleap_commit(conf, candidates, c.kappa, c.tau, c.radius)
-        scores = conf if self.rule == "low_confidence" else remasking.random_scores(
-            key, conf.shape)
         k = remasking.transfer_count(carry["block_step"], c.block_length,
                                      c.resolved_steps_per_block)
+        if self.rule == "learn2pd":
+            return learn2pd.learn2pd_commit(self.filter, conf, lay.block_start, candidates, k,
+                                            c.filter_threshold)
+        scores = conf if self.rule == "low_confidence" else remasking.random_scores(
+            key, conf.shape)
         return remasking.topk_commit(scores, candidates, k)
 
     def step(self, state: loop.LoopState, weights) -> loop.LoopState:

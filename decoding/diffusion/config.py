@@ -29,6 +29,9 @@ class DiffusionSamplerConfig:
         thresholds for the first, middle and last third of the nominal steps (7.5, 5.0, 2.5).
     eot_stop: end-of-text early stop (EoTP): once a masked position predicts end-of-text, the
         positions after the most confident such one are filled with it.
+    learn2pd_filter: Learn2PD's trained filter (.npz of decoding/diffusion/learn2pd.py; the
+        "learn2pd" sampler needs it); filter_threshold: the filter probability above which a
+        masked position commits (0.96).
     """
     block_length: int = 16
     steps_per_block: int | None = None
@@ -41,6 +44,8 @@ class DiffusionSamplerConfig:
     prophet: bool = False
     prophet_thresholds: tuple[float, float, float] = (7.5, 5.0, 2.5)
     eot_stop: bool = False
+    learn2pd_filter: str | None = None
+    filter_threshold: float = 0.96
 
     def __post_init__(self):
         if self.block_length < 1:
@@ -50,7 +55,7 @@ class DiffusionSamplerConfig:
             raise ValueError(f"steps_per_block={self.steps_per_block} must be in [1, "
                              f"block_length={self.block_length}] (every step commits at "
                              "least one token) or None")
-        for name in ("threshold", "kappa", "tau"):
+        for name in ("threshold", "kappa", "tau", "filter_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value} must be a probability in [0, 1]")

@@ -4,7 +4,7 @@ option of every sampler.
 
 If any masked generation position currently predicts end-of-text, the most confident such
 position and every masked position after it are filled with end-of-text at once, so padding
-after the answer is never decoded step by step. (Learn2PD's learned filter is not implemented.)
+after the answer is never decoded step by step. (Learn2PD's learned filter: learn2pd.py.)
 """
 from __future__ import annotations
 

@@ -9,8 +9,11 @@ trains it there first with experiments/configs/diffusion_task_tiny.gin (--train_
 in training) with the baseline (LLaDA low-confidence remasking, one token per step) and every
 sampler of decoding/diffusion/: Fast-dLLM's threshold (arXiv 2505.22618, with and without its
 block caches), Prophet (arXiv 2508.19982, alone and on top of the threshold), LocalLeap (arXiv
-2510.07081), FreeDave (arXiv 2510.00294), the end-of-text stop (arXiv 2509.25188) and random
-remasking. Each case is compiled by a first call and timed on a second.
+2510.07081), FreeDave (arXiv 2510.00294), Learn2PD's learned filter and end-of-text stop
+(arXiv 2509.25188) and random remasking. Each case is compiled by a first call and timed on a
+second. Learn2PD's filter is trained post hoc (decoding/diffusion/learn2pd_train.py) on
+training-split prompts, never the held-out ones, and saved as WORKDIR/learn2pd_filter.npz
+(reused when present; its training seconds are reported).
 
 JSON lines: per case `accuracy` (exact match), `nfe` (forward passes per prompt, what a prompt
 decoded alone costs), `nfe_reduction` (baseline NFE / the sampler's), `accuracy_retained`
@@ -22,6 +25,7 @@ threshold; FreeDave identical.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -45,15 +49,48 @@ CASES = (
     ("prophet_fast_dllm", "fast_dllm", {"threshold": 0.9, "prophet": True}),
     ("localleap", "localleap", {}),
     ("freedave", "freedave", {"draft_steps": 4}),
+    ("learn2pd", "learn2pd", {}),
+    ("learn2pd_eot_stop", "learn2pd", {"eot_stop": True}),
     ("llada_eot_stop", "llada", {"eot_stop": True}),
 )
+FILTER = "learn2pd_filter.npz"
+FILTER_PROMPTS = 256   # training-split prompts the filter's oracle data come from
 GOALS = {"fast_dllm": (3.0, 0.99), "prophet": (3.0, 0.99)}
 
 
-def task_config() -> st.SyntheticTaskConfig:
-    """The task of experiments/configs/diffusion_task_tiny.gin."""
-    return st.SyntheticTaskConfig(tasks=("copy", "shift"), min_len=32, max_len=32,
-                                  gen_length=48)
+def task_config(workdir: str | None = None) -> st.SyntheticTaskConfig:
+    """The task the workdir's model was trained on (its config.gin), else that of
+    experiments/configs/diffusion_task_tiny.gin."""
+    fields = {"tasks": ("copy", "shift"), "min_len": 32, "max_len": 32, "gen_length": 48}
+    path = os.path.join(workdir or "", "config.gin")
+    if workdir and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition("=")
+                if name.strip().startswith("SyntheticTaskConfig."):
+                    fields[name.strip().split(".")[1]] = ast.literal_eval(value.strip())
+    return st.SyntheticTaskConfig(**fields)
+
+
+def learn2pd_filter(model, path: str, task: st.SyntheticTaskConfig, num_prompts: int
+                    ) -> tuple[str, dict | None]:
+    """(path, fit metrics or None when reused): Learn2PD's filter for `model`, trained on
+    the oracle data of `num_prompts` training-split prompts (never held out)."""
+    from decoding.diffusion import learn2pd, learn2pd_train
+
+    if os.path.exists(path):
+        return path, None
+    start = time.perf_counter()
+    examples = [st.make_example(task, "train", 7, i) for i in range(num_prompts)]
+    prompts = [e.prompt for e in examples]
+    reference = generate(model, prompts, sampler="llada", max_new_tokens=task.gen_length,
+                         eos_id=st.EOS, config=DiffusionSamplerConfig(block_length=BLOCK))
+    conf, labels = learn2pd_train.oracle_data(model, prompts, reference.tokens,
+                                              task.gen_length, BLOCK, st.EOS, st.PAD)
+    filt, metrics = learn2pd_train.train_filter(conf, labels)
+    learn2pd.save_filter(path, filt)
+    return path, {**metrics, "seconds": time.perf_counter() - start,
+                  "num_prompts": num_prompts}
 
 
 def load_or_train(workdir: str, train_steps: int | None, step: int | None = None
@@ -109,7 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="random weights, 4 prompts: checks the plumbing in seconds")
     args = parser.parse_args(argv)
-    task = task_config()
+    task = task_config(None if args.quick else args.workdir)
     if args.quick:
         from models import registry
         from models.diffusion import DiffusionConfig
@@ -117,13 +154,25 @@ def main(argv=None) -> None:
         model, train_seconds = registry.build("diffusion", DiffusionConfig(
             d_model=32, n_layers=1, n_heads=2, n_kv_heads=1)), None
         examples = st.held_out_examples(4, task)
-        cases = [c for c in CASES if c[0] in ("baseline", "fast_dllm", "freedave")]
+        cases = [c for c in CASES if c[0] in ("baseline", "fast_dllm", "freedave", "learn2pd")]
+        import tempfile
+        filter_path, fit = learn2pd_filter(model, os.path.join(tempfile.mkdtemp(), FILTER),
+                                           task, 8)
     else:
         model, train_seconds = load_or_train(args.workdir, args.train_steps, args.step)
         examples = st.held_out_examples(args.num_prompts, task)
         cases = CASES
+        filter_path, fit = learn2pd_filter(model, os.path.join(args.workdir, FILTER), task,
+                                           FILTER_PROMPTS)
+    if fit is not None:
+        for metric in ("test_accuracy", "test_precision", "test_recall", "seconds"):
+            print(json.dumps({"bench": "diffusion", "case": "learn2pd_filter_fit",
+                              "metric": metric, "value": fit[metric], "goal": None, **fit,
+                              **_machine()}), flush=True)
     base = None
     for case, sampler, overrides in cases:
+        if sampler == "learn2pd":
+            overrides = {**overrides, "learn2pd_filter": filter_path}
         config = DiffusionSamplerConfig(block_length=BLOCK, **overrides)
         r = decode(model, examples, sampler, config, task.gen_length)
         base = base or r

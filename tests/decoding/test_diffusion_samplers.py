@@ -1,11 +1,13 @@
 """Masked-diffusion samplers on the shared loop (decoding/diffusion/): every sampler ends and
 commits at least one token per active row per step, NFE accounting, FreeDave reproduces the
-one-token-per-step baseline exactly with fewer forwards, Prophet's early commit, and the
-request checks. A tiny random-weight model suffices for exactness and accounting."""
+one-token-per-step baseline exactly with fewer forwards, Prophet's early commit, Learn2PD's
+filter (in the loop, its oracle data and its fit), and the request checks. A tiny
+random-weight model suffices for exactness and accounting."""
+import jax
 import numpy as np
 import pytest
 
-from decoding.diffusion import DiffusionSamplerConfig
+from decoding.diffusion import DiffusionSamplerConfig, learn2pd, learn2pd_train
 from decoding.generate import generate
 from models import registry
 from models.diffusion import DiffusionConfig
@@ -91,7 +93,7 @@ def test_bad_requests_name_the_value(model):
     with pytest.raises(ValueError, match="max_new_tokens=12.*block_length=8"):
         generate(model, PROMPTS, sampler="fast_dllm", max_new_tokens=12,
                  config=DiffusionSamplerConfig(block_length=8))
-    for field in ("threshold", "kappa", "tau"):
+    for field in ("threshold", "kappa", "tau", "filter_threshold"):
         with pytest.raises(ValueError, match=f"{field}=1.5 must be a probability"):
             DiffusionSamplerConfig(**{field: 1.5})
     with pytest.raises(ValueError, match="threshold=-0.1"):
@@ -105,3 +107,45 @@ def test_bad_requests_name_the_value(model):
         generate(model, PROMPTS, sampler="greedy", max_new_tokens=4)
     with pytest.raises(ValueError, match="masked diffusion model"):
         generate(helpers.model(), PROMPTS, sampler="llada", max_new_tokens=16)
+
+
+def _filter_file(tmp_path, bias: float, block_length: int = 8) -> str:
+    """A filter whose output is `bias` everywhere (accepts all or nothing)."""
+    params = learn2pd_train.init_params(block_length, 4, jax.random.key(0))
+    params = {**params, "w2": params["w2"] * 0, "b2": params["b2"] + bias}
+    path = str(tmp_path / f"filter{bias}.npz")
+    learn2pd.save_filter(path, learn2pd.Filter.from_params(params))
+    return path
+
+
+def test_learn2pd_runs_in_the_loop_and_always_commits(model, baseline, tmp_path):
+    # A filter that accepts nothing leaves the baseline's top-1 commit: its exact output.
+    config = DiffusionSamplerConfig(block_length=8, learn2pd_filter=_filter_file(tmp_path, -30))
+    none = generate(model, PROMPTS, sampler="learn2pd", max_new_tokens=GEN, config=config)
+    assert none.tokens == baseline.tokens
+    _check_accounting(none)
+    # One that accepts everything commits each whole block in one step.
+    config = DiffusionSamplerConfig(block_length=8, learn2pd_filter=_filter_file(tmp_path, 30))
+    every = generate(model, PROMPTS, sampler="learn2pd", max_new_tokens=GEN, config=config)
+    _check_accounting(every)
+    assert every.stats["steps"] == GEN // 8
+    with pytest.raises(ValueError, match="needs a trained filter"):
+        generate(model, PROMPTS, sampler="learn2pd", max_new_tokens=GEN,
+                 config=DiffusionSamplerConfig(block_length=8))
+    with pytest.raises(ValueError, match="blocks of 8 positions, but block_length=16"):
+        generate(model, PROMPTS, sampler="learn2pd", max_new_tokens=GEN,
+                 config=DiffusionSamplerConfig(block_length=16,
+                                               learn2pd_filter=config.learn2pd_filter))
+
+
+def test_learn2pd_oracle_data_and_filter_fit(model, baseline):
+    conf, labels = learn2pd_train.oracle_data(model, PROMPTS, baseline.tokens, GEN, 8, EOS)
+    # One sample per oracle step and active row; the oracle commits >= 1 token per step.
+    assert conf.shape == labels.shape and conf.shape[1] == 8
+    assert len(PROMPTS) * GEN // 8 <= len(conf) <= len(PROMPTS) * GEN
+    assert np.all((conf >= 0) & (conf <= 1)) and labels.dtype == bool
+    # The fit learns a rule the data follow (final iff confident) on fresh samples.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(400, 8)).astype(np.float32)
+    filt, metrics = learn2pd_train.train_filter(x, x > 0.5, steps=300, lr=3e-2)
+    assert metrics["test_accuracy"] > 0.9 and filt.block_length == 8

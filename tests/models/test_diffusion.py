@@ -145,3 +145,26 @@ def test_synthetic_tasks_are_checkable_held_out_and_a_dataset_by_name():
     with pytest.raises(ValueError, match="mask_token_id=70"):
         DiffusionConfig(vocab_size=64, mask_token_id=70)
     assert isinstance(registry.build("diffusion", CONFIG), DiffusionLM)
+
+
+def test_dependent_token_tasks_have_checkable_answers():
+    c = st.SyntheticTaskConfig(tasks=("add_lsd", "either"), min_len=32, max_len=32,
+                               gen_length=48)
+    assert c.max_prompt_length == 1 + len("add:") + 64 + 2
+    seen = set()
+    for e in st.held_out_examples(40, c):
+        seen.add(e.task)
+        text = bytes(e.prompt[1:]).decode()
+        body = text.split(":")[1][:-1]
+        if e.task == "add_lsd":   # least-significant digit first
+            a, b = body.split("+")
+            assert len(a) == len(b) == 32 and not e.others
+            assert int(bytes(e.answer).decode()[::-1]) == int(a[::-1]) + int(b[::-1])
+        else:                     # s or s shifted: either one is correct, nothing else
+            shifted = "".join(chr(97 + (ord(ch) - 96) % 16) for ch in body)
+            answers = {bytes(e.answer).decode(), bytes(e.others[0]).decode()}
+            assert answers == {body, shifted}
+            assert st.is_correct(e, list(e.others[0]) + [st.EOS])
+            mixed = list(body[:16].encode()) + list(shifted[16:].encode())
+            assert not st.is_correct(e, mixed)
+    assert seen == {"add_lsd", "either"}
