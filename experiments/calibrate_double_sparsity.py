@@ -9,7 +9,8 @@ ranks, per layer and KV head, the channels by mean |q * k| after RoPE
 (models/double_sparse_calibration.py). The ranking is written, with the model's architecture
 hash, to DIR/double_sparse_channels.json for a workdir, or to
 $SWIFTLM_DATA_DIR/double_sparsity/<name>-<hash>.json for a packaged model (`default_path`),
-where `with_double_sparse` and the benchmarks find it.
+where `with_double_sparse` and the benchmarks find it. `decoding_model` applies it for
+`python -m experiments.generate --decode_attention=double_sparse`.
 """
 from __future__ import annotations
 
@@ -89,6 +90,36 @@ def run(workdir: str | None = None, pretrained: str | None = None, *, num_rows: 
     rows = corpus_rows(encode, num_rows, seq_len)
     ranking = dsc.calibrate(model, rows)
     return dsc.save_calibration(path, model, ranking, source=source, num_tokens=rows.size)
+
+
+def decoding_model(model, decode_attention: str = "dense", calibration: str | None = None, *,
+                   workdir: str | None = None, pretrained: str | None = None,
+                   token_sparsity: float | None = None, dense_layers: int | None = None):
+    """`model` set up for `decode_attention` (experiments.generate --decode_attention): itself
+    for "dense"; for "double_sparse" a double-sparse copy with the channels of `calibration`
+    (a file or a workdir), by default the file this CLI writes for `workdir` or the packaged
+    model `pretrained`. token_sparsity / dense_layers: ds_token_sparsity / ds_dense_layers
+    (default: the config's, 1/16 and 2). A missing or foreign calibration is a ValueError
+    saying what to run."""
+    from models.core import double_sparse
+    double_sparse.check_decode_attention(decode_attention)
+    settings = {k: v for k, v in (("ds_token_sparsity", token_sparsity),
+                                  ("ds_dense_layers", dense_layers)) if v is not None}
+    if decode_attention == "dense":
+        given = {**settings, **({"ds_calibration": calibration} if calibration else {})}
+        if given:
+            raise ValueError(f"{sorted(given)} apply only with decode_attention="
+                             f"'double_sparse'; got decode_attention='dense'")
+        return model
+    if calibration is None:
+        if workdir:
+            calibration = dsc.calibration_path(workdir)
+        elif pretrained:
+            calibration = default_path(pretrained, model.config)
+        else:
+            raise ValueError("decode_attention='double_sparse' on a --gguf/--hf_dir model needs "
+                             "--ds_calibration=FILE; " + double_sparse.CALIBRATE_HINT)
+    return dsc.with_double_sparse(model, calibration, **settings)
 
 
 def main(argv: Sequence[str]) -> None:

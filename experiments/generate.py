@@ -6,7 +6,9 @@ or from a real pretrained model with its own tokenizer and chat template.
     python -m experiments.generate --workdir=DIR --prompt='def fib(n):' \
         [--sampler=greedy] [--draft_workdir=DIR | --adapter_dir=DIR] [--max_new_tokens=128] \
         [--temperature=0.8 --top_k=40 --top_p=0.95] [--gamma=4] \
-        [--gin_bindings='FlyConfig.window = 4'] [--seed=0] [--step=N]
+        [--gin_bindings='FlyConfig.window = 4'] [--seed=0] [--step=N] \
+        [--decode_attention=double_sparse [--ds_calibration=FILE] [--ds_token_sparsity=0.125]
+         [--ds_dense_layers=2]]
     python -m experiments.generate --model=smollm2 --chat --prompt='Reverse a list in Python.'
     python -m experiments.generate --gguf=FILE.gguf | --hf_dir=DIR  [--chat] [--dtype=bfloat16]
 
@@ -47,6 +49,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "template's own).", flag_values=fv)
     flags.DEFINE_string("dtype", "float32", "Weights and compute dtype of a real model "
                         "(float32, bfloat16).", flag_values=fv)
+    flags.DEFINE_string("decode_attention", "dense", "Decode attention of the target: dense or "
+                        "double_sparse (Double Sparsity, arXiv 2408.07092; needs a channel "
+                        "calibration: python -m experiments.calibrate_double_sparsity).",
+                        flag_values=fv)
+    flags.DEFINE_string("ds_calibration", None, "Double Sparsity calibration file (default: "
+                        "the workdir's or the packaged model's).", flag_values=fv)
+    flags.DEFINE_float("ds_token_sparsity", None, "Fraction of the context each double-sparse "
+                       "query attends (default 1/16).", flag_values=fv)
+    flags.DEFINE_integer("ds_dense_layers", None, "First layers that decode densely (default "
+                         "2, as DoubleSparse).", flag_values=fv)
     flags.DEFINE_integer("chunk_steps", 16, "Loop steps between prints of the text so far.",
                          flag_values=fv)
     flags.DEFINE_bool("stream", True, "Print the text as it is produced.", flag_values=fv)
@@ -190,7 +202,9 @@ class _TextStream:
 def decode_text(workdir: str | None, prompt: str, *, sampler: str = "greedy",
                 model_name: str | None = None, gguf: str | None = None,
                 hf_dir: str | None = None, chat: bool = False, system: str | None = None,
-                dtype: str = "float32",
+                dtype: str = "float32", decode_attention: str = "dense",
+                ds_calibration: str | None = None, ds_token_sparsity: float | None = None,
+                ds_dense_layers: int | None = None,
                 draft_workdir: str | None = None, draft_gguf: str | None = None,
                 adapter_dir: str | None = None, max_new_tokens: int = 128,
                 temperature: float | None = None, top_k: int | None = None,
@@ -216,6 +230,11 @@ def decode_text(workdir: str | None, prompt: str, *, sampler: str = "greedy",
     if len(drafts) > 1:
         raise ValueError(f"give a draft model or an early-exit adapter, not both: {drafts}")
     target = _load_target(workdir, model_name, gguf, hf_dir, step, dtype, restore)
+    from experiments.calibrate_double_sparsity import decoding_model
+    target.model = decoding_model(target.model, decode_attention, ds_calibration,
+                                  workdir=workdir, pretrained=model_name,
+                                  token_sparsity=ds_token_sparsity,
+                                  dense_layers=ds_dense_layers)
     ids = prompt_ids(target, prompt, chat=chat, system=system)
     draft = None
     if draft_workdir:
@@ -281,6 +300,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
         text, stats = decode_text(
             fv.workdir, fv.prompt, sampler=fv.sampler, model_name=fv.model, gguf=fv.gguf,
             hf_dir=fv.hf_dir, chat=fv.chat, system=fv.system, dtype=fv.dtype,
+            decode_attention=fv.decode_attention, ds_calibration=fv.ds_calibration,
+            ds_token_sparsity=fv.ds_token_sparsity, ds_dense_layers=fv.ds_dense_layers,
             draft_workdir=fv.draft_workdir, draft_gguf=fv.draft_gguf,
             adapter_dir=fv.adapter_dir, max_new_tokens=fv.max_new_tokens,
             temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, gamma=fv.gamma,

@@ -47,12 +47,14 @@ class TransformerConfig:
     dtype: str = "float32"         # compute dtype; parameters always stay f32
     # Decode attention (models/core/double_sparse.py, arXiv 2408.07092): "dense" or
     # "double_sparse" (label channels r, default head_dim // 16; fraction of the context each
-    # query attends; dense up to ds_min_context keys; int8 labels).
+    # query attends; dense up to ds_min_context keys; label bits 16 (cache dtype), 8 or 4;
+    # the first ds_dense_layers layers decode densely, as DoubleSparse's evaluation does).
     decode_attention: str = "dense"
     ds_label_channels: int | None = None
     ds_token_sparsity: float = 0.0625
     ds_min_context: int = 256
-    ds_quantize_labels: bool = False
+    ds_label_bits: int = 16
+    ds_dense_layers: int = 2
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -4,8 +4,8 @@ Double Sparsity makes a decode step read a small part of the KV cache twice over
 
 1. *Channel sparsity*: offline calibration picks, per layer and KV head, the r "outlier"
    channels that carry most of q.k (mean |q * k| after RoPE). Their keys are kept beside the KV
-   cache as a label cache ``k_label[B, N, Hkv, r]`` (optionally int8 with one scale per token
-   and head). Label scores ``q[channels] . k_label`` approximate the logits while reading r/D
+   cache as a label cache ``k_label[B, N, Hkv, r]`` (optionally int8 or 4-bit with one scale per
+   token and head). Label scores ``q[channels] . k_label`` approximate the logits while reading r/D
    of the key bytes.
 2. *Token sparsity*: the top-k tokens by label score get an exact softmax over all D channels;
    every other token is skipped.
@@ -44,7 +44,7 @@ from jax import lax
 from pallas_kernels import _compat
 
 IMPLS = ("auto", "reference", "pallas")
-LABEL_BITS = (8, 16)  # 16: labels in the cache's dtype; 8: int8 with a per-token scale
+LABEL_BITS = (4, 8, 16)  # 16: the cache's dtype; 8 / 4: int8-stored, per-token scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,12 +70,19 @@ def make_labels(k: jax.Array, channels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(k, idx, axis=-1)
 
 
-def quantize_labels(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 with one f32 scale per (token, head): labels ~= q * scale[..., None]."""
+def quantize_labels(labels: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
+    """Symmetric integer labels with one f32 scale per (token, head): labels ~= q * scale[...,
+    None]. bits=8: int8 in [-127, 127]; bits=4: [-7, 7] (the 4-bit labels of the paper, kept
+    unpacked in an int8 array: the bytes a kernel would stream are r/2, the values the same).
+    Symmetric rather than DoubleSparse's min/max (zero-point) scheme so the scale stays a
+    positive per-token factor that commutes with the max over a GQA group."""
+    if bits not in (4, 8):
+        raise ValueError(f"quantize_labels: bits={bits!r}; valid: 4, 8")
+    top = 2 ** (bits - 1) - 1
     x = labels.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    scale = jnp.max(jnp.abs(x), axis=-1) / top
     q = jnp.round(x / jnp.where(scale > 0, scale, 1.0)[..., None])
-    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+    return jnp.clip(q, -top, top).astype(jnp.int8), scale
 
 
 def label_scores(q: jax.Array, k_label: jax.Array, channels: jax.Array, kv_len: jax.Array,

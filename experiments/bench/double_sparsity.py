@@ -121,8 +121,10 @@ def decode_case(context: int, steps: int, fraction: int = 16) -> list[dict]:
     except ValueError:
         ranking = np.tile(np.arange(c.resolved_head_dim, dtype=np.int32),
                           (c.n_layers, c.n_kv_heads, 1))
+    # Every layer sparse, as DoubleSparse's speed path (models/model.py) decodes; its quality
+    # evaluation keeps layers 0-1 dense (the model's default ds_dense_layers=2).
     sparse = dsc.with_double_sparse(dense, ranking, ds_token_sparsity=1.0 / fraction,
-                                    ds_label_channels=r)
+                                    ds_label_channels=r, ds_dense_layers=0)
     max_length = context + steps + 64
     times = {}
     for name, model in (("dense", dense), ("double_sparse", sparse)):
@@ -165,13 +167,13 @@ def _filled_cache(model, context: int, max_length: int):
                              lengths=jnp.full_like(cache.lengths, context))
 
     cache = fill(cache, jax.random.key(0))
-    if hasattr(cache.layers[0], "label"):
-        layers = []
-        for block, kv in zip(model.blocks, cache.layers):
+    layers = []
+    for block, kv in zip(model.blocks, cache.layers):
+        if hasattr(kv, "label"):  # a double-sparse layer (dense layers keep no labels)
             ch = jnp.asarray(block.attn.ds_channels, jnp.int32)
-            layers.append(kv.replace(label=jax.jit(ds.make_labels)(kv.k, ch).astype(
-                kv.label.dtype)))
-        cache = cache.replace(layers=tuple(layers))
+            kv = kv.replace(label=jax.jit(ds.make_labels)(kv.k, ch).astype(kv.label.dtype))
+        layers.append(kv)
+    cache = cache.replace(layers=tuple(layers))
     return cache
 
 

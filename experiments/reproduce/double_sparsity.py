@@ -1,25 +1,31 @@
 """Reproduction of Double Sparsity (Yang et al. 2024, arXiv 2408.07092) on SmolLM2-135M.
 
-    python -m experiments.reproduce.double_sparsity [--bench_jsonl FILE] [--ppl_rows 4]
-        [--ppl_len 2048] [--retrieval_trials 16] [--out docs/results/double_sparsity.md]
+    python -m experiments.reproduce.double_sparsity [--parts perplexity,retrieval,...]
+        [--fractions 1,4,8,16] [--ablation oracle,...] [--bench_jsonl FILE]
+        [--out docs/results/double_sparsity.md]
 
 Quality of double-sparse decode attention on a real pretrained model (SmolLM2-135M-Instruct,
 f32, 30 layers, 9 query / 3 KV heads of 64 channels), with r = D/16 = 4 label channels
-calibrated on the corpus' train split (experiments/calibrate_double_sparsity.py), at token
-sparsity 1/4, 1/8, 1/16 against dense (the same model with every token kept, which the tests
-prove equal to dense attention):
+calibrated on the corpus' train split (experiments/calibrate_double_sparsity.py) and, as
+DoubleSparse's evaluation does, the first 2 layers dense, at token sparsity 1/4, 1/8, 1/16
+against dense (the same model with every token kept, which the tests prove equal to dense
+attention). The parts (`--parts`, each a few minutes; results are merged into --results_json
+so the page can be rebuilt from any subset, `--parts=` only rewrites it):
 
-1. Perplexity on held-out text (the corpus' validation split, Python source), rows of
-   `ppl_len` tokens fed through `extend` in chunks of 64 tokens, so every query selects its
-   own top tokens over its causal prefix exactly as a decode step would. Scored on the
-   positions past `ds_min_context` = 256 (below it double sparsity is dense by design).
-   Metric ppl_ratio = ppl(sparse) / ppl(dense); the paper's goal here: <= 1.05 at 1/8.
-2. Key-value retrieval: ~100 random "key NNNN -> value NNNN" lines, then "key K -> value";
-   the lines are prefilled (dense, as DoubleSparse prefills) and the question and answer are
-   decoded with double-sparse attention; greedy answer must equal the value
-   (retrieval_accuracy).
-3. The TPU kernel's block-granular selection against token-level selection, on this model's
-   real queries and keys (relative L2 error of one layer's attention output to dense).
+- perplexity: held-out text (the corpus' validation split, Python source), rows of `ppl_len`
+  tokens fed through `extend` in chunks of 64 tokens, so every query selects its own top
+  tokens over its causal prefix exactly as a decode step would. Scored on the positions past
+  `ds_min_context` = 256 (below it double sparsity is dense by design). Metric ppl_ratio =
+  ppl(sparse) / ppl(dense); the issue's goal: <= 1.05 at 1/8.
+- ablation: perplexity at 1/8 with the oracle selection (true q.k over all channels: the
+  token-selection loss alone) and the README's r = D/4 4-bit labels (`ABLATION`);
+  retrieval_ablation: retrieval at 1/8 with those settings.
+- retrieval: key-value retrieval (experiments/kv_retrieval.py): facts hidden in ~2k tokens
+  of filler, prefilled densely once per prompt; the question and answer are decoded with
+  double-sparse attention (retrieval_accuracy).
+- block_error: the TPU kernel's block-granular selection against token-level selection, on
+  this model's real queries and keys (relative L2 error of the attention output to dense).
+- channel_sweep: more label channels (r = 8, 16) and where the attention mass goes.
 
 Speedups come from the timed benchmark (experiments/bench/double_sparsity.py, run under the
 exclusive CPU lock): pass its JSON lines with --bench_jsonl. Writes the markdown page and a
@@ -39,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import calibrate_double_sparsity as calib
+from experiments import kv_retrieval
 from experiments.pretrained import load_pretrained
 from experiments.results_pages import double_sparsity as report
 from models import double_sparse_calibration as dsc
@@ -59,9 +66,10 @@ def _ranking(pre):
         return dsc.load_ranking(path, pre.model.config), path
 
 
-def _models(pre, ranking):
+def _models(pre, ranking, fractions=FRACTIONS):
+    """The official evaluation's defaults: r = D/16, first 2 layers dense, 16-bit labels."""
     return {f: dsc.with_double_sparse(pre.model, ranking, ds_token_sparsity=1.0 / f,
-                                      ds_min_context=MIN_CONTEXT) for f in FRACTIONS}
+                                      ds_min_context=MIN_CONTEXT) for f in fractions}
 
 
 _extend = nnx.jit(lambda m, t, c, n: m.extend(t, c, num_tokens=n))
@@ -90,63 +98,32 @@ def perplexity(models, rows: np.ndarray) -> dict:
     return out
 
 
-def _retrieval_prompts(tokenizer, trials: int, pairs: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for _ in range(trials):
-        keys = rng.choice(np.arange(1000, 10000), pairs, replace=False)
-        values = rng.integers(1000, 10000, pairs)
-        ask = int(rng.integers(pairs // 10, pairs))  # not in the last tenth: a long reach
-        lines = "".join(f"key {k} -> value {v}\n" for k, v in zip(keys, values))
-        context = "Remember these pairs.\n" + lines
-        question = f"Question: what is the value of key {keys[ask]}?\nkey {keys[ask]} -> value"
-        prompts.append((tokenizer.encode(context), tokenizer.encode(question), str(values[ask])))
-    return prompts
-
-
-def retrieval(models, tokenizer, trials: int, pairs: int, length: int, batch: int = 4,
-              answer_tokens: int = 4) -> dict:
-    """Greedy answers after a dense prefill of the pairs and a double-sparse question."""
-    prompts = _retrieval_prompts(tokenizer, trials, pairs)
-    max_ctx = max(len(c) for c, _, _ in prompts)
-    max_q = max(len(q) for _, q, _ in prompts)
-    if max_q > CHUNK:
-        raise ValueError(f"question of {max_q} tokens; at most {CHUNK}")
-    if max_ctx + CHUNK + answer_tokens > length:  # one cache length: no recompilation
-        raise ValueError(f"{pairs} pairs need {max_ctx} tokens; too many for {length}")
-    prefill_model = models[FRACTIONS[-1]]  # the prefill is dense in every model; labels alike
-    correct = {f: 0 for f in models}
-    examples = {f: [] for f in models}
-    for s in range(0, trials, batch):
-        group = prompts[s:s + batch]
-        n = len(group)
-        ctx = np.zeros((n, max_ctx), np.int32)
-        qst = np.zeros((n, CHUNK), np.int32)
-        for i, (c, q, _) in enumerate(group):
-            ctx[i, :len(c)], qst[i, :len(q)] = c, q
-        ctx_len = jnp.asarray([len(c) for c, _, _ in group], jnp.int32)
-        q_len = np.asarray([len(q) for _, q, _ in group])
-        _, base = _extend(prefill_model, jnp.asarray(ctx), prefill_model.init_cache(n, length),
-                          ctx_len)
-        for f, model in models.items():
-            logits, cache = _extend(model, jnp.asarray(qst), base, jnp.asarray(q_len))
-            tok = np.asarray(jnp.argmax(logits, -1))[np.arange(n), q_len - 1][:, None]
-            answer = [tok]
-            for _ in range(answer_tokens - 1):
-                logits, cache = _extend(model, jnp.asarray(tok), cache, jnp.ones((n,), jnp.int32))
-                tok = np.asarray(jnp.argmax(logits[:, -1:], -1))
-                answer.append(tok)
-            answer = np.concatenate(answer, axis=1)
-            for i, (_, _, value) in enumerate(group):
-                text = tokenizer.decode(answer[i].tolist()).strip()
-                correct[f] += text.startswith(value)
-                if len(examples[f]) < 3:
-                    examples[f].append({"value": value, "answer": text})
-    out = {f: {"accuracy": correct[f] / trials, "trials": trials, "pairs": pairs,
-               "context_tokens": max_ctx, "examples": examples[f]} for f in models}
+def retrieval(models, tokenizer, trials: int, pairs: int, length: int) -> dict:
+    """Key-value retrieval accuracy per fraction (experiments/kv_retrieval.py): one dense
+    prefill per prompt, shared by every fraction; the question and answer decode sparsely."""
+    prompts = kv_retrieval.make_prompts(tokenizer, trials, pairs, length)
+    out = kv_retrieval.evaluate(models, prompts, tokenizer.decode)
     for f in models:
+        out[f]["pairs"] = pairs
         print(json.dumps({"retrieval": f, **out[f]}), flush=True)
     return out
+
+
+# The 1/8 investigation (perplexity): what the official evaluation does that the plain r = D/16
+# setting does not, one change at a time. Settings are with_double_sparse overrides.
+ABLATION = {
+    "oracle": dict(ds_label_channels=64, ds_dense_layers=0),  # true q.k: selection alone
+    "oracle_dense2": dict(ds_label_channels=64),
+    "r16_4bit_dense2": dict(ds_label_channels=16, ds_label_bits=4),  # the README's setting
+}
+
+
+def ablation(pre, ranking, rows, names, fraction: int = 8) -> dict:
+    """Perplexity at 1/fraction of the tokens for the ABLATION settings `names`."""
+    models = {name: dsc.with_double_sparse(pre.model, ranking, ds_token_sparsity=1.0 / fraction,
+                                           ds_min_context=MIN_CONTEXT, **ABLATION[name])
+              for name in names}
+    return perplexity(models, rows)
 
 
 def block_error(pre, ranking, rows: np.ndarray, layers=(5, 15, 25), block_ks=(16, 64)) -> dict:
@@ -242,14 +219,15 @@ def attention_mass(pre, ranking, row: np.ndarray, layers=(2, 10, 20, 28), querie
 def channel_sweep(pre, ranking, rows, fraction: int = 8, rs=(8, 16)) -> dict:
     """Perplexity at 1/fraction of the tokens with more label channels than D/16."""
     models = {r: dsc.with_double_sparse(pre.model, ranking, ds_token_sparsity=1.0 / fraction,
-                                        ds_min_context=MIN_CONTEXT, ds_label_channels=r)
+                                        ds_min_context=MIN_CONTEXT, ds_label_channels=r,
+                                        ds_dense_layers=0)
               for r in rs}
     return {"fraction": fraction, "ppl": {r: v for r, v in perplexity(models, rows).items()}}
 
 
 def _int_keys(results: dict) -> dict:
     """JSON turned the fraction keys into strings; turn them back."""
-    ints = ("perplexity", "retrieval")
+    ints = ("perplexity", "perplexity_all_layers", "retrieval")
     out = {name: ({int(k): v for k, v in part.items()} if name in ints else part)
            for name, part in results.items()}
     if "channel_sweep" in out:
@@ -257,50 +235,89 @@ def _int_keys(results: dict) -> dict:
     return out
 
 
+PARTS = ("block_error", "perplexity", "retrieval", "ablation", "retrieval_ablation",
+         "channel_sweep")
+
+
+def measure(parts, args, results: dict) -> tuple[dict, str]:
+    """Runs `parts` (each a few minutes on 2 CPUs); returns `results` updated with them and
+    the calibration file used."""
+    pre = load_pretrained(name="smollm2")
+    ranking, cal_path = _ranking(pre)
+    rows = calib.corpus_rows(pre.tokenizer.encode, args.ppl_rows, args.ppl_len,
+                             split="validation")
+    if "block_error" in parts:
+        results["block_error"] = block_error(pre, ranking, rows[:2])
+    if "perplexity" in parts:
+        # Dense (every token kept) does not depend on the double-sparse settings: measured once.
+        have_dense = 1 in results.get("perplexity", {})
+        fractions = [f for f in args.fractions if not (f == 1 and have_dense)]
+        new = perplexity(_models(pre, ranking, fractions), rows)
+        results["perplexity"] = {**results.get("perplexity", {}), **new}
+    if "retrieval" in parts:
+        results["retrieval"] = retrieval(_models(pre, ranking), pre.tokenizer,
+                                         args.retrieval_trials, args.retrieval_pairs,
+                                         args.retrieval_len)
+    if "retrieval_ablation" in parts:  # one prefill per setting: their label caches differ
+        prompts = kv_retrieval.make_prompts(pre.tokenizer, args.retrieval_trials,
+                                            args.retrieval_pairs, args.retrieval_len)
+        names = args.ablation.split(",") if args.ablation else ["r16_4bit_dense2"]
+        for name in names:
+            model = dsc.with_double_sparse(pre.model, ranking, ds_token_sparsity=1.0 / 8,
+                                           ds_min_context=MIN_CONTEXT, **ABLATION[name])
+            got = kv_retrieval.evaluate({name: model}, prompts, pre.tokenizer.decode)[name]
+            print(json.dumps({"retrieval_ablation": name, **got}), flush=True)
+            results.setdefault("retrieval_ablation", {})[name] = got
+    if "ablation" in parts:
+        names = args.ablation.split(",") if args.ablation else list(ABLATION)
+        results["ablation"] = {**results.get("ablation", {}),
+                               **ablation(pre, ranking, rows, names)}
+    if "channel_sweep" in parts:
+        results["attention_mass"] = attention_mass(pre, ranking, rows[0, :1024])
+        results["channel_sweep"] = channel_sweep(pre, ranking, rows)
+    return results, cal_path
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bench_jsonl", default=None)
-    p.add_argument("--ppl_rows", type=int, default=4)
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to (re)measure, of {PARTS}; the others are "
+                        "kept from --results_json (empty: only rewrite the page)")
+    p.add_argument("--ablation", default="", help=f"ablation settings to run, of "
+                   f"{tuple(ABLATION)} (default all)")
+    p.add_argument("--fractions", default="1,4,8,16",
+                   help="perplexity: token fractions 1/f to measure (1 = dense)")
+    p.add_argument("--ppl_rows", type=int, default=2)
     p.add_argument("--ppl_len", type=int, default=2048)
-    p.add_argument("--retrieval_trials", type=int, default=16)
-    p.add_argument("--retrieval_pairs", type=int, default=100)
+    p.add_argument("--retrieval_trials", type=int, default=8)
+    p.add_argument("--retrieval_pairs", type=int, default=4)
+    p.add_argument("--retrieval_len", type=int, default=2048)
     p.add_argument("--out", default="docs/results/double_sparsity.md")
     p.add_argument("--results_json", default="workdirs/double_sparsity/results.json",
-                   help="measurements are kept here; --report_only rewrites the page from it")
-    p.add_argument("--report_only", action="store_true")
-    p.add_argument("--channel_sweep", action="store_true",
-                   help="add the r sweep and attention-mass diagnostic to --results_json")
+                   help="measurements are kept here and merged part by part")
     args = p.parse_args(argv)
+    args.fractions = [int(f) for f in args.fractions.split(",") if f]
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; valid: {PARTS}")
+    if args.ablation and not set(args.ablation.split(",")) <= set(ABLATION):
+        raise ValueError(f"unknown --ablation {args.ablation!r}; valid: {tuple(ABLATION)}")
     start = time.time()
-    if args.report_only or args.channel_sweep:
+    results, meta = {}, {"minutes": 0.0}
+    if os.path.exists(args.results_json):
         with open(args.results_json) as f:
             saved = json.load(f)
         results, meta = _int_keys(saved["results"]), saved["meta"]
-        if args.channel_sweep:
-            pre = load_pretrained(name="smollm2")
-            ranking, _ = _ranking(pre)
-            rows = calib.corpus_rows(pre.tokenizer.encode, args.ppl_rows, args.ppl_len,
-                                     split="validation")
-            results["attention_mass"] = attention_mass(pre, ranking, rows[0, :1024])
-            results["channel_sweep"] = channel_sweep(pre, ranking, rows)
-            meta["minutes"] += (time.time() - start) / 60
-            with open(args.results_json, "w") as f:
-                json.dump({"results": results, "meta": meta}, f)
-    else:
-        pre = load_pretrained(name="smollm2")
-        ranking, cal_path = _ranking(pre)
-        models = _models(pre, ranking)
-        rows = calib.corpus_rows(pre.tokenizer.encode, args.ppl_rows, args.ppl_len,
-                                 split="validation")
-        results = {"block_error": block_error(pre, ranking, rows[:2]),
-                   "perplexity": perplexity(models, rows),
-                   "retrieval": retrieval(models, pre.tokenizer, args.retrieval_trials,
-                                          args.retrieval_pairs, args.ppl_len,
-                                          batch=args.ppl_rows)}  # same shapes: no recompile
-        meta = {"machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
-                "calibration": cal_path, "ppl_rows": args.ppl_rows, "ppl_len": args.ppl_len,
-                "min_context": MIN_CONTEXT, "chunk": CHUNK, "r": 4,
-                "minutes": (time.time() - start) / 60}
+    if parts:
+        results, cal_path = measure(parts, args, results)
+        meta.update(machine=f"{platform.platform()}, {os.cpu_count()} CPUs",
+                    ppl_rows=args.ppl_rows, ppl_len=args.ppl_len, min_context=MIN_CONTEXT,
+                    chunk=CHUNK, r=4, calibration=cal_path)
+        meta["minutes"] = meta.get("minutes", 0.0) + (time.time() - start) / 60
+        meta.setdefault("runs", []).append({"parts": parts, "minutes": (time.time() - start) / 60,
+                                            "load_average": os.getloadavg()[0]})
         os.makedirs(os.path.dirname(args.results_json) or ".", exist_ok=True)
         with open(args.results_json, "w") as f:
             json.dump({"results": results, "meta": meta}, f)

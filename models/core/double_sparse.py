@@ -7,16 +7,19 @@ channels. The kernels and the GQA semantics are in pallas_kernels/double_sparse.
 holds what the model keeps and decides:
 
 - The **label cache**: `LabeledKV` is a LayerKV with `label[B, L, Hkv, r]` beside the keys
-  (the keys' calibrated channels, after RoPE), in the cache dtype or int8 with one scale per
-  (token, head) (`label_scale[B, L, Hkv]`). `extend` writes the labels of every new token
-  (prefill, decode, speculative drafts/verification) at the same positions as the keys, so
-  `rewind` (which only moves lengths) rewinds them too: stale labels past a row's length are
-  masked exactly like stale keys and overwritten later.
+  (the keys' calibrated channels, after RoPE), in the cache dtype, or 8- or 4-bit integers
+  (int8 storage) with one scale per (token, head) (`label_scale[B, L, Hkv]`). `extend` writes
+  the labels of every new token (prefill, decode, speculative drafts/verification) at the same
+  positions as the keys, so `rewind` (which only moves lengths) rewinds them too: stale labels
+  past a row's length are masked exactly like stale keys and overwritten later.
 - **Which tokens**: a query that sees `ctx` keys keeps `ceil(ctx * token_sparsity)` of them,
   or all of them while `ctx <= min_context` (dense below a minimum context, as DoubleSparse
   decodes densely while pos < heavy_const). Each query selects over its own causal prefix, so
   a multi-token verification computes exactly what the same tokens decoded one by one would,
   and speculative decoding stays lossless against the double-sparse target.
+- **Dense first layers**: the first `dense_layers` layers (DoubleSparse's evaluation code,
+  `evaluation/modify_llama.py`, keeps layers 0 and 1 dense: `if self.layer_idx < 2:
+  flash_forward`) attend densely and keep no labels; `set_channels` turns them back to dense.
 - **Prefill**: an extend of more than `MAX_SPARSE_QUERIES` tokens is a prompt; it writes labels
   and attends densely (DoubleSparse applies sparsity at decode only).
 
@@ -33,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from models.core.kv_cache import LayerKV
-from pallas_kernels.double_sparse import double_sparse_attention, make_labels, quantize_labels
+from pallas_kernels.double_sparse import (LABEL_BITS, double_sparse_attention, make_labels,
+                                          quantize_labels)
 
 DECODE_ATTENTIONS = ("dense", "double_sparse")
 MAX_SPARSE_QUERIES = 64  # longer extends are prefills: attended densely
@@ -48,7 +52,8 @@ class DoubleSparseSettings:
     label_channels: int       # r
     token_sparsity: float     # fraction of the context each query attends
     min_context: int          # contexts up to this many keys are attended densely
-    quantize_labels: bool     # int8 labels with per-token scales
+    label_bits: int           # 16: labels in the cache dtype; 8 or 4: integers + per-token scale
+    dense_layers: int         # the first this many layers decode densely (DoubleSparse: 2)
 
 
 def check_decode_attention(value: str) -> str:
@@ -71,11 +76,17 @@ def settings_from_config(config) -> DoubleSparseSettings | None:
                          "(the fraction of the context each query attends)")
     if config.ds_min_context < 1:
         raise ValueError(f"ds_min_context={config.ds_min_context} must be at least 1")
+    if config.ds_label_bits not in LABEL_BITS:
+        raise ValueError(f"ds_label_bits={config.ds_label_bits!r}; valid: {LABEL_BITS}")
+    if not 0 <= config.ds_dense_layers < config.n_layers:
+        raise ValueError(f"ds_dense_layers={config.ds_dense_layers} must be in [0, n_layers="
+                         f"{config.n_layers}) (the first layers decode densely; at least one "
+                         "layer must be double-sparse)")
     if config.window is not None:
         raise ValueError(f"decode_attention='double_sparse' needs full attention; got "
                          f"window={config.window}")
     return DoubleSparseSettings(r, float(config.ds_token_sparsity), int(config.ds_min_context),
-                                bool(config.ds_quantize_labels))
+                                int(config.ds_label_bits), int(config.ds_dense_layers))
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,42 +95,45 @@ def settings_from_config(config) -> DoubleSparseSettings | None:
 @flax.struct.dataclass
 class LabeledKV(LayerKV):
     label: jax.Array               # [B, max_length, kv_heads, r]: cache dtype, or int8
-    label_scale: jax.Array | None  # [B, max_length, kv_heads] f32 for int8 labels, else None
+    label_scale: jax.Array | None  # [B, max_length, kv_heads] f32 for integer labels, else None
 
     @classmethod
     def from_layer(cls, kv: LayerKV, settings: DoubleSparseSettings) -> "LabeledKV":
         b, length, hkv, _ = kv.k.shape
         shape = (b, length, hkv, settings.label_channels)
-        if settings.quantize_labels:
+        if settings.label_bits < 16:
             return cls(k=kv.k, v=kv.v, label=jnp.zeros(shape, jnp.int8),
                        label_scale=jnp.zeros(shape[:3], jnp.float32))
         return cls(k=kv.k, v=kv.v, label=jnp.zeros(shape, kv.k.dtype), label_scale=None)
 
-    def write_labels(self, k_new: jax.Array, channels: jax.Array,
-                     positions: jax.Array) -> "LabeledKV":
-        """Writes the labels of new keys k_new [B, S, Hkv, D] at positions [B, S]."""
+    def write_labels(self, k_new: jax.Array, channels: jax.Array, positions: jax.Array,
+                     bits: int = 16) -> "LabeledKV":
+        """Writes the labels of new keys k_new [B, S, Hkv, D] at positions [B, S] (integer
+        labels of `bits` bits when the cache holds scales)."""
         labels = make_labels(k_new, channels)
         rows = jnp.arange(k_new.shape[0])[:, None]
         if self.label_scale is None:
             return self.replace(label=self.label.at[rows, positions].set(
                 labels.astype(self.label.dtype), mode="drop"))
-        q, scale = quantize_labels(labels)
+        q, scale = quantize_labels(labels, bits)
         return self.replace(label=self.label.at[rows, positions].set(q, mode="drop"),
                             label_scale=self.label_scale.at[rows, positions].set(
                                 scale, mode="drop"))
 
 
 def with_label_caches(layers, settings: DoubleSparseSettings | None):
-    """init_cache helper: the layers' caches with label caches added (unchanged if dense)."""
+    """init_cache helper: the layers' caches with label caches added (unchanged if dense, and
+    for the first settings.dense_layers layers, which decode densely)."""
     if settings is None:
         return layers
-    return tuple(LabeledKV.from_layer(kv, settings) for kv in layers)
+    return tuple(kv if i < settings.dense_layers else LabeledKV.from_layer(kv, settings)
+                 for i, kv in enumerate(layers))
 
 
 def set_channels(model, channels) -> None:
     """Attaches calibrated channels [n_layers, n_kv_heads, >= r] (the first r are used) to
     every attention layer of `model` (static ints: a change recompiles, a decode step does
-    not)."""
+    not). The first `dense_layers` layers are turned back to dense attention."""
     blocks = list(model.blocks)
     if len(channels) != len(blocks):
         raise ValueError(f"got channels for {len(channels)} layers; the model has {len(blocks)}")
@@ -138,6 +152,8 @@ def set_channels(model, channels) -> None:
         if any(not 0 <= c < attn.head_dim for row in rows for c in row):
             raise ValueError(f"layer {layer}: a channel id is outside [0, {attn.head_dim})")
         attn.ds_channels = tuple(tuple(row[:settings.label_channels]) for row in rows)
+        if layer < settings.dense_layers:  # no labels in its cache (with_label_caches)
+            attn.double_sparse = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +176,7 @@ def extend_attention(attn, q, k_new, kv: LabeledKV, positions, dense_attend, siz
         raise ValueError("decode_attention='double_sparse' has no calibrated label channels; "
                          + CALIBRATE_HINT)
     channels = jnp.asarray(attn.ds_channels, jnp.int32)
-    kv = kv.write_labels(k_new, channels, positions)
+    kv = kv.write_labels(k_new, channels, positions, settings.label_bits)
     if q.shape[1] > MAX_SPARSE_QUERIES:  # a prompt: dense, like DoubleSparse's prefill
         return None, kv
     ctx = positions + 1  # query s sees cache slots [0, positions[b, s]]

@@ -16,6 +16,7 @@ from experiments import calibrate_double_sparsity as calibrate_cli
 from models import double_sparse_calibration as dsc
 from models import registry
 from models.core import double_sparse
+from models.core.kv_cache import LayerKV
 from models.transformer import Transformer, TransformerConfig
 from tests import tolerances
 from tests.decoding import helpers
@@ -24,8 +25,9 @@ from tests.decoding import helpers
 # of up to 13 tokens plus 16 new ones run well into the sparse regime.
 DENSE = TransformerConfig(vocab_size=helpers.VOCAB, d_model=32, n_layers=2, n_heads=4,
                           n_kv_heads=2, head_dim=16)
+# Every layer double-sparse (ds_dense_layers=0) unless a test says otherwise.
 SPARSE = dataclasses.replace(DENSE, decode_attention="double_sparse", ds_label_channels=4,
-                             ds_token_sparsity=0.25, ds_min_context=8)
+                             ds_token_sparsity=0.25, ds_min_context=8, ds_dense_layers=0)
 # Fixed channels (not calibrated) so the tests do not depend on calibration.
 CHANNELS = np.stack([np.stack([np.roll(np.arange(16), 3 * (layer + head))
                                for head in range(2)]) for layer in range(2)]).astype(np.int32)
@@ -41,7 +43,7 @@ def dense():
 @pytest.fixture(scope="module")
 def sparse(dense):
     return dsc.with_double_sparse(dense, CHANNELS, ds_label_channels=4, ds_token_sparsity=0.25,
-                                  ds_min_context=8)
+                                  ds_min_context=8, ds_dense_layers=0)
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +99,37 @@ def test_verification_equals_token_by_token_and_differs_from_dense(sparse, dense
 
 def test_keeping_every_token_equals_dense(dense, tokens):
     everything = dsc.with_double_sparse(dense, CHANNELS, ds_token_sparsity=1.0,
-                                        ds_min_context=1, ds_quantize_labels=True)
+                                        ds_min_context=1, ds_label_bits=4, ds_dense_layers=0)
     got, cache = _run(everything, [tokens[:, a:b] for a, b in SPANS])
     want = _run(dense, [tokens[:, a:b] for a, b in SPANS])[0]
     np.testing.assert_allclose(got, want, rtol=tolerances.F32, atol=tolerances.F32)
-    assert cache.layers[0].label.dtype == jnp.int8
+    # 4-bit labels: int8 storage holding [-7, 7], one scale per (token, kv head).
+    label = np.asarray(cache.layers[0].label[:, :20])
+    assert label.dtype == np.int8 and np.abs(label).max() == 7
+    assert cache.layers[0].label_scale.shape == (2, 64, 2)
+
+
+def test_dense_first_layers(dense, sparse, tokens):
+    """ds_dense_layers=1 (DoubleSparse's evaluation keeps layers 0-1 dense): layer 0 keeps no
+    labels and attends densely, so the first block's output equals the dense model's (with
+    ds_dense_layers=0 it is double-sparse and differs: see the verification test); layer 1
+    still writes labels."""
+    first_dense = dsc.with_double_sparse(dense, CHANNELS, ds_label_channels=4,
+                                         ds_token_sparsity=0.25, ds_min_context=8,
+                                         ds_dense_layers=1)
+    assert first_dense.blocks[0].attn.double_sparse is None
+    assert sparse.blocks[0].attn.double_sparse is not None
+    cache = first_dense.init_cache(2, 64)
+    assert type(cache.layers[0]) is LayerKV
+    assert isinstance(cache.layers[1], double_sparse.LabeledKV)
+    exit1 = nnx.jit(lambda m, t, c: m.extend(t, c, exit_layer=1))
+    out = []
+    for model in (dense, first_dense):
+        c = _extend(model, tokens[:, :16], model.init_cache(2, 64))[1]
+        out.append(np.asarray(exit1(model, tokens[:, 16:20], c)[0]))
+    assert np.abs(np.asarray(c.layers[1].label[:, :16])).min() > 0
+    np.testing.assert_allclose(out[1], out[0], rtol=tolerances.F32, atol=tolerances.F32)
+
 
 
 def test_ragged_batch_equals_rows_decoded_alone(sparse):
@@ -129,7 +157,7 @@ def test_calibration_round_trip_and_errors(dense, tmp_path):
     ranking = dsc.load_ranking(path, dense.config)
     assert ranking.shape == (2, 2, 16)
     assert all(sorted(row) == list(range(16)) for row in ranking.reshape(-1, 16))
-    model = dsc.with_double_sparse(dense, path, ds_label_channels=4)
+    model = dsc.with_double_sparse(dense, path, ds_label_channels=4, ds_dense_layers=1)
     assert model.blocks[1].attn.ds_channels == tuple(map(tuple, ranking[1, :, :4]))
     # A workdir finds its file by name.
     dsc.save_calibration(dsc.calibration_path(tmp_path), dense, ranking)
@@ -162,6 +190,8 @@ def test_decoding_without_calibration_says_what_to_run(sparse):
     (dict(ds_token_sparsity=1.5), r"ds_token_sparsity=1.5 must be in \(0, 1\]"),
     (dict(decode_attention="sparse"), r"unknown decode_attention 'sparse'; valid"),
     (dict(window=4), r"needs full attention; got window=4"),
+    (dict(ds_label_bits=2), r"ds_label_bits=2; valid: \(4, 8, 16\)"),
+    (dict(ds_dense_layers=2), r"ds_dense_layers=2 must be in \[0, n_layers=2\)"),
 ])
 def test_bad_config(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -170,6 +200,40 @@ def test_bad_config(overrides, match):
 
 def test_channels_of_the_wrong_shape_are_refused(dense):
     with pytest.raises(ValueError, match="got channels for 3 layers; the model has 2"):
-        dsc.with_double_sparse(dense, np.zeros((3, 2, 16), np.int32))
+        dsc.with_double_sparse(dense, np.zeros((3, 2, 16), np.int32), ds_dense_layers=0)
     with pytest.raises(ValueError, match="do not give r=4 channels"):
-        dsc.with_double_sparse(dense, np.zeros((2, 2, 3), np.int32), ds_label_channels=4)
+        dsc.with_double_sparse(dense, np.zeros((2, 2, 3), np.int32), ds_label_channels=4,
+                               ds_dense_layers=0)
+
+
+def test_generate_cli_flag_attaches_the_calibration_or_names_it_missing(dense, tmp_path):
+    """experiments.generate --decode_attention=double_sparse [--ds_calibration=FILE]: the
+    target is made double-sparse with the workdir's calibration; without one, one line says
+    what to run (checked through decode_text, before anything compiles)."""
+    from experiments import calibrate_double_sparsity as calib
+    from experiments import generate as cli
+
+    byte_model = registry.construct(Transformer, dataclasses.replace(DENSE, vocab_size=260))
+    restore = lambda workdir, step=None: (byte_model, "transformer", None)  # noqa: E731
+    with pytest.raises(ValueError, match=r"no Double Sparsity calibration at .*"
+                                         r"double_sparse_channels\.json.*calibrate_double"):
+        cli.decode_text(str(tmp_path), "ab", restore=restore, decode_attention="double_sparse",
+                        ds_dense_layers=1)
+    with pytest.raises(ValueError, match=r"\['ds_token_sparsity'\] apply only with "
+                                         r"decode_attention='double_sparse'"):
+        cli.decode_text(str(tmp_path), "ab", restore=restore, ds_token_sparsity=0.5)
+    with pytest.raises(ValueError, match=r"needs --ds_calibration=FILE"):
+        calib.decoding_model(dense, "double_sparse")  # a --gguf/--hf_dir model
+    with pytest.raises(ValueError, match="unknown decode_attention 'sparse'"):
+        calib.decoding_model(dense, "sparse")
+    ranking = np.stack([np.stack([np.roll(np.arange(16), h + 5 * layer) for h in range(2)])
+                        for layer in range(2)]).astype(np.int32)
+    dsc.save_calibration(dsc.calibration_path(tmp_path), dense, ranking)
+    with pytest.raises(ValueError, match=r"ds_dense_layers=2 must be in \[0, n_layers=2\)"):
+        calib.decoding_model(dense, "double_sparse", workdir=str(tmp_path))  # the default
+    model = calib.decoding_model(dense, "double_sparse", workdir=str(tmp_path),
+                                 token_sparsity=0.5, dense_layers=1)
+    assert model.config.ds_token_sparsity == 0.5 and model.config.ds_dense_layers == 1
+    # r defaults to head_dim // 16 = 1: the workdir file's best channel per kv head.
+    assert model.blocks[1].attn.ds_channels == tuple(map(tuple, ranking[1, :, :1]))
+    assert calib.decoding_model(dense, "dense") is dense
