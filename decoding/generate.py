@@ -4,11 +4,12 @@ It checks the request on the host, pads the prompts into one token buffer, build
 sampler (decoding/sampling.py, decoding/speculative/), runs its jitted prefill and the single
 jitted decoding loop (decoding/loop.py), and only then copies tokens and stats to the host.
 Samplers: plain greedy and sampling, and the speculative family of Leviathan et al. (arXiv
-2211.17192), Chen et al. (arXiv 2302.01318), prompt lookup decoding, FLy (arXiv 2511.22972)
-and Kangaroo-style self-speculation (arXiv 2404.18911); for masked diffusion LMs, LLaDA's
-remasking, Fast-dLLM, Prophet, LocalLeap and FreeDave (decoding/diffusion/). Every sampler is
-an entry of one registry (`_SAMPLERS`, decoding/registry.py: constructor, draft needs,
-sampling, config class, its own request check), so `generate` has no per-sampler branch.
+2211.17192), Chen et al. (arXiv 2302.01318), prompt lookup decoding, FLy (arXiv 2511.22972),
+Kangaroo-style self-speculation (arXiv 2404.18911) and SpecDec++ (arXiv 2405.19715); for
+masked diffusion LMs, LLaDA's remasking, Fast-dLLM, Prophet, LocalLeap and FreeDave
+(decoding/diffusion/). Every sampler is an entry of one registry (`_SAMPLERS`,
+decoding/registry.py: constructor, draft needs, sampling, config class, its own request
+check), so `generate` has no per-sampler branch.
 
 What recompiles and what does not. Model weights enter jit as arguments (`nnx.split`), not as
 constants. Prompts are padded to a bucket (a power of two, at least 16) and the buffer to a
@@ -35,6 +36,7 @@ from decoding.speculative import (DraftModelSpeculative, FlyConfig, FlySpeculati
                                   NgramConfig, NgramSpeculative, SelfSpecConfig,
                                   SelfSpeculative, SpeculativeConfig)
 from decoding.speculative.self_spec import check_adapter
+from decoding.speculative.specdecpp import SpecDecPP, SpecDecPPConfig, check_draft
 
 MIN_PROMPT_BUCKET = 16
 
@@ -61,6 +63,10 @@ def _self_spec(target, draft, config, filters):
     return SelfSpeculative(target, config, filters, draft)
 
 
+def _specdecpp(target, draft, config, filters):
+    return SpecDecPP(target, draft, config, filters)
+
+
 def _ar(build, draft: str, samples: bool, config_cls, check=needs_causal_model) -> SamplerEntry:
     return SamplerEntry(build, draft, samples, config_cls, check)
 
@@ -79,6 +85,8 @@ _SAMPLERS: dict[str, SamplerEntry] = {
     "fly_sample": _ar(_fly, "required", True, FlyConfig),
     "self_spec_greedy": _ar(_self_spec, "optional", False, SelfSpecConfig, check_adapter),
     "self_spec": _ar(_self_spec, "optional", True, SelfSpecConfig, check_adapter),
+    "specdecpp_greedy": _ar(_specdecpp, "required", False, SpecDecPPConfig, check_draft),
+    "specdecpp": _ar(_specdecpp, "required", True, SpecDecPPConfig, check_draft),
     **diffusion.SAMPLERS,
 }
 SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)

@@ -1,0 +1,287 @@
+"""Speculative decoding on a real model (SmolLM2-135M-Instruct, packaged GGUF, f32): wall-clock
+speedup of each speculative sampler over plain greedy decoding of the same target, on tasks
+with checkable answers (experiments/real_tasks.py), in one run, plus what one verification
+costs against one decoding step.
+
+Samplers (cases `{sampler}_{task}_b{batch}`):
+  ngram         prompt lookup, greedy verification (Saxena 2023; Leviathan et al., arXiv
+                2211.17192)
+  self_spec     Kangaroo-style early exit at --exit_layers (arXiv 2404.18911) through the
+                target's own head (no adapter: one per exit layer would need training), so the
+                exit layer is chosen by measurement: every listed layer is a case
+  speculative / fly / specdecpp   only with --draft_dir (a draft Transformer checkpoint
+                trained for this target, and for specdecpp its acceptance head under
+                DIR/acceptance_head); without one they are reported as null with the reason
+All run greedy (the sampling variants keep the target's distribution but are not comparable
+by tokens); every greedy-exact sampler must reproduce plain greedy's tokens (`tokens_match`).
+
+HF transformers runs the same prompts at batch 1 (its assisted generation takes one
+sequence): greedy, prompt lookup and `assistant_early_exit` at the first --exit_layers.
+
+Metrics, one JSON line each:
+  speedup            t(greedy) / t(sampler), the same prompts, batches and budget (goal 1.5
+                     for the best sampler at batch 1 on the edit task); with
+                     tokens_per_target_call, accuracy of the completions and greedy's accuracy
+  speedup_vs_hf_same_method  HF's time / ours for the same method (greedy, n-gram, early
+                     exit), batch 1, with HF's own speedup over its greedy (goal 1)
+  verify_cost_ratio  one jitted extend of gamma + 1 = 5 tokens over one of 1 token on the real
+                     weights after a 112-token prompt, all logits consumed (goal 1.5)
+
+Times are whole `generate` calls after a compiling warm-up call, best of --repeats; prompts of
+a task are cut to one prompt bucket so no case compiles twice.
+
+    python -m experiments.bench.real_speculative [--tasks edit,next_line] [--batches 1,4]
+        [--n 8] [--exit_layers 6,10] [--draft_dir DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from decoding.generate import generate, prompt_bucket
+from decoding.speculative import NgramConfig, SelfSpecConfig
+from experiments import real_tasks
+
+BENCH = "real_speculative"
+GOALS = {"speedup": 1.5, "verify_cost_ratio": 1.5}
+VERIFY_PROMPT = 112
+
+
+def emit(line: dict, lines: list[dict]) -> None:
+    lines.append(line)
+    print(json.dumps(line), flush=True)
+
+
+def plot(lines: list[dict], path: str) -> None:
+    """Speedup over greedy against tokens per target call, one point per sampler case."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [x for x in lines if x["metric"] == "speedup" and x["value"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for x in points:
+        marker = "o" if x["batch"] == 1 else "s"
+        ax.scatter(x["tokens_per_target_call"], x["value"], marker=marker)
+        ax.annotate(x["case"], (x["tokens_per_target_call"], x["value"]), fontsize=7)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("tokens per target call")
+    ax.set_ylabel("speedup over greedy (wall clock)")
+    ax.set_title("SmolLM2-135M, CPU (o: batch 1, s: batch 4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def task_prompts(tokenizer, kind: str, n: int, seed: int = 0):
+    """n tasks of `kind` whose prompts share one prompt bucket (the most common one among
+    4n candidates), their prompt ids, and a token budget that fits every answer."""
+    candidates = real_tasks.build_tasks(kind, 4 * n, seed)
+    ids = [tokenizer.encode(t.prompt) for t in candidates]
+    buckets = [prompt_bucket(len(i)) for i in ids]
+    common = max(set(buckets), key=buckets.count)
+    keep = [k for k, b in enumerate(buckets) if b == common][:n]
+    tasks = [candidates[k] for k in keep]
+    # In context the answer may tokenize a little longer than alone.
+    budget = int(1.15 * max(len(tokenizer.encode(t.answer)) for t in tasks)) + 8
+    return tasks, [ids[k] for k in keep], budget
+
+
+def run_case(model, prompts, batch: int, budget: int, stop_ids, kwargs: dict,
+             repeats: int):
+    """(best total seconds over `repeats`, tokens per row, merged stats) of decoding every
+    prompt in groups of `batch`, after one warm-up call that compiles."""
+    groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    groups = [g for g in groups if len(g) == batch]
+    generate(model, groups[0], max_new_tokens=budget, eos_id=stop_ids, **kwargs)
+    best, tokens, stats = float("inf"), [], {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = [generate(model, g, max_new_tokens=budget, eos_id=stop_ids, **kwargs)
+                for g in groups]
+        best = min(best, time.perf_counter() - start)
+        tokens = [t for o in outs for t in o.tokens]
+        stats = {k: sum(o.stats[k] for o in outs) for k in ("target_calls", "draft_calls",
+                                                            "drafted", "accepted")}
+        hist = np.sum([o.stats["accepted_hist"] for o in outs], axis=0)
+        stats["tokens_per_target_call"] = float(
+            (np.arange(hist.size) * hist).sum() / max(hist.sum(), 1))
+    return best, tokens, stats
+
+
+def verify_cost(model) -> dict:
+    """The verify_cost_ratio line's numbers on `model`'s real weights."""
+    graph, weights = nnx.split(model)
+
+    @jax.jit
+    def extend(weights, tokens, cache):
+        logits, cache = nnx.merge(graph, weights).extend(tokens, cache)
+        return jnp.argmax(logits, -1), cache.lengths  # every position's logits are used
+
+    prompt = jax.random.randint(jax.random.key(0), (1, VERIFY_PROMPT), 0,
+                                model.config.vocab_size)
+    cache = model.init_cache(1, 256)
+    _, cache = jax.jit(lambda w, t, c: nnx.merge(graph, w).extend(t, c))(weights, prompt,
+                                                                          cache)
+
+    def ms(tokens, reps=20):
+        jax.block_until_ready(extend(weights, tokens, cache))
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(reps):
+                out = extend(weights, tokens, cache)
+            jax.block_until_ready(out)
+            best = min(best, (time.perf_counter() - start) / reps)
+        return best * 1e3
+
+    one, five = ms(prompt[:, :1]), ms(jnp.tile(prompt[:, :1], (1, 5)))
+    return {"one_token_ms": round(one, 2), "verify_ms": round(five, 2),
+            "value": round(five / one, 3), "gamma": 4}
+
+
+def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats: int):
+    """HF transformers on the same f32 weights and prompts, batch 1 (its assisted generation
+    takes one sequence): greedy, prompt lookup (prompt_lookup_num_tokens=10, our n-gram
+    gamma) and LayerSkip-style `assistant_early_exit` (its self-speculation, without an
+    adapter). Yields (method, {seconds, tokens}), greedy first."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count())
+    directory, name = os.path.split(gguf)
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                              dtype=torch.float32).eval()
+    hf.generation_config.pad_token_id = 0
+    methods = {"greedy": {}, "ngram": {"prompt_lookup_num_tokens": 10},
+               f"self_spec_l{exit_layer}": {"assistant_early_exit": exit_layer}}
+    with torch.inference_mode():
+        for method, extra in methods.items():
+            def call(prompts=prompts):
+                rows = []
+                for p in prompts:
+                    ids = torch.tensor([p], dtype=torch.long)
+                    o = hf.generate(ids, attention_mask=torch.ones_like(ids),
+                                    max_new_tokens=budget, do_sample=False,
+                                    eos_token_id=list(stop_ids), **extra)
+                    rows.append(o[0, len(p):].tolist())
+                return rows
+            call(prompts[:1])  # warm-up on one prompt: torch's first call allocates
+            best, tokens = float("inf"), None
+            for _ in range(repeats):
+                start = time.perf_counter()
+                tokens = call()
+                best = min(best, time.perf_counter() - start)
+            yield method, {"seconds": best, "tokens": tokens}
+
+
+def sampler_cases(args, model) -> dict[str, dict | str]:
+    """name -> generate kwargs, or the reason the case cannot run."""
+    cases: dict[str, dict | str] = {"ngram": {"sampler": "ngram_greedy",
+                                              "config": NgramConfig()}}
+    for layer in args.exit_layers:
+        cases[f"self_spec_l{layer}"] = {"sampler": "self_spec_greedy", "config": SelfSpecConfig(
+            exit_layer=layer, gamma=6, threshold=0.6)}
+    reason = ("no distilled draft for this target (--draft_dir); experiments/train_draft.py "
+              "is not written yet")
+    for name in ("speculative", "fly", "specdecpp"):
+        cases[name] = reason
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="edit,next_line")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--exit_layers", default="8,12")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--samplers", default=None, help="subset of the cases' samplers")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 prompts, batch 1, the edit task, one exit layer")
+    parser.add_argument("--no_verify_cost", action="store_true")
+    parser.add_argument("--plot", default=None, help="PNG path for the speedup plot")
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run HF transformers' methods (batch 1)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tasks, args.batches, args.n, args.exit_layers = "edit", "1", 4, "8"
+    args.exit_layers = [int(x) for x in args.exit_layers.split(",")]
+    from experiments.pretrained import load_pretrained
+
+    pre = load_pretrained(name="smollm2")
+    model, tok = pre.model, pre.tokenizer
+    common = {"bench": BENCH, "model": "smollm2", "machine": platform.machine(),
+              "cpus": os.cpu_count(), "backend": jax.default_backend()}
+    lines: list[dict] = []
+    if not args.no_verify_cost:
+        emit({**common, "case": "smollm2_gamma4", "metric": "verify_cost_ratio",
+              **verify_cost(model), "goal": GOALS["verify_cost_ratio"],
+              "load_avg": os.getloadavg()[0]}, lines)
+    cases = sampler_cases(args, model)
+    if args.samplers:
+        keep = args.samplers.split(",")
+        cases = {k: v for k, v in cases.items() if any(k.startswith(s) for s in keep)}
+    batches = [int(b) for b in args.batches.split(",")]
+    ours: dict = {}
+    for kind in args.tasks.split(","):
+        tasks, prompts, budget = task_prompts(tok, kind, args.n)
+        for batch in batches:
+            t_greedy, greedy_tokens, _ = run_case(model, prompts, batch, budget,
+                                                  tok.stop_ids, {"sampler": "greedy"},
+                                                  args.repeats)
+            n_rows = len(greedy_tokens)
+            greedy_acc = real_tasks.accuracy(tasks[:n_rows], [tok.decode(t)
+                                                              for t in greedy_tokens])
+            base = {**common, "task": kind, "batch": batch, "prompts": n_rows,
+                    "max_new_tokens": budget, "greedy_s": round(t_greedy, 3),
+                    "greedy_accuracy": greedy_acc,
+                    "greedy_tokens_per_s": round(sum(map(len, greedy_tokens)) / t_greedy, 1)}
+            for name, kwargs in cases.items():
+                line = {**base, "case": f"{name}_{kind}_b{batch}", "metric": "speedup",
+                        "goal": GOALS["speedup"] if batch == 1 and kind == "edit" else None}
+                if isinstance(kwargs, str):
+                    emit({**line, "value": None, "reason": kwargs}, lines)
+                    continue
+                seconds, tokens, stats = run_case(model, prompts, batch, budget, tok.stop_ids,
+                                                  kwargs, args.repeats)
+                acc = real_tasks.accuracy(tasks[:n_rows], [tok.decode(t) for t in tokens])
+                emit({**line, "value": round(t_greedy / seconds, 3),
+                      "seconds": round(seconds, 3), "accuracy": acc,
+                      "tokens_match": tokens == greedy_tokens, **stats,
+                      "load_avg": os.getloadavg()[0]}, lines)
+                ours[(kind, batch, name)] = (seconds, tokens)
+            ours[(kind, batch, "greedy")] = (t_greedy, greedy_tokens)
+        if args.hf and 1 in batches:
+            hf = {}
+            for method, r in hf_side(pre.source, prompts, budget, tok.stop_ids,
+                                     args.exit_layers[0], args.repeats):
+                hf[method] = r
+                mine = ours.get((kind, 1, method))
+                line = {**common, "task": kind, "batch": 1, "prompts": len(prompts),
+                        "max_new_tokens": budget, "case": f"{method}_{kind}_b1",
+                        "hf_seconds": round(r["seconds"], 3),
+                        "hf_speedup_over_hf_greedy": round(
+                            hf["greedy"]["seconds"] / r["seconds"], 3),
+                        "load_avg": os.getloadavg()[0]}
+                if mine is None:
+                    emit({**line, "metric": "speedup_vs_hf_same_method", "value": None,
+                          "goal": 1.0, "reason": "our side did not run this method"}, lines)
+                    continue
+                emit({**line, "metric": "speedup_vs_hf_same_method",
+                      "value": round(r["seconds"] / mine[0], 3), "goal": 1.0,
+                      "our_seconds": round(mine[0], 3),
+                      "tokens_match_hf": mine[1] == r["tokens"]}, lines)
+    if args.plot:
+        plot(lines, args.plot)
+
+
+if __name__ == "__main__":
+    main()
