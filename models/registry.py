@@ -29,6 +29,7 @@ _BUILTIN_MODELS = (
     ("block_transformer", "models.block_transformer", "BlockTransformerConfig",
      "BlockTransformer"),
     ("rmoe", "models.rmoe", "RMoEConfig", "RMoE"),
+    ("mor", "models.mor", "MoRConfig", "MoR"),
     ("diffusion", "models.diffusion", "DiffusionConfig", "DiffusionLM"),
 )
 
