@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	    --workdir=$(WORKDIR) --demo
 
 test: $(VENV)/.installed-dev
-	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist worksteal -q tests
 
 clean:
 	rm -rf $(VENV) workdirs
