@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from experiments import gin_config, pipeline
+from experiments.finished_runs import FinishedRuns
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 
@@ -123,21 +124,13 @@ def main(argv=None) -> None:
     for w in wanted:
         if w not in known:
             raise ValueError(f"unknown run {w!r}; valid: {known}")
-    os.makedirs(args.workdir_root, exist_ok=True)
-    results_path = os.path.join(args.workdir_root, "results.jsonl")
-    done = {}
-    if os.path.exists(results_path) and not args.fresh:
-        for line in open(results_path):
-            r = json.loads(line)
-            if r["base_steps"] == args.steps:
-                done[r["run"]] = r
+    done = FinishedRuns(args.workdir_root, key=lambda r: r["run"],
+                        matches=lambda r: r["base_steps"] == args.steps, fresh=args.fresh)
     for name, gin_file, extra, blocks in RUNS:
         if name not in wanted or name in done or args.report_only:
             continue
         row = run_one(name, gin_file, extra, blocks, args)
-        done[name] = row
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        done.add(row)
         print(json.dumps({"bench": "mor_reproduce", "case": name, "metric": "val_bpb",
                           "value": row["val_bpb_topk"], "goal": None,
                           "val_bpb_threshold": row.get("val_bpb_threshold"),
@@ -145,7 +138,7 @@ def main(argv=None) -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
                f"({jax.default_backend()})")
     from experiments.results_pages import mor as report   # matplotlib only when reporting
-    report.write([done[n] for n in known if n in done], args.out, machine=machine,
+    report.write([done.rows[n] for n in known if n in done], args.out, machine=machine,
                  steps=args.steps, seed=args.seed, eval_batches=args.eval_batches)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import gin_config, pipeline
+from experiments.finished_runs import FinishedRuns
 from experiments.results_pages import rmoe as rmoe_report
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
@@ -96,14 +97,8 @@ def main(argv=None) -> None:
     for d in depths:
         if d not in CONFIG_FILES:
             raise ValueError(f"depth {d} has no config; valid: {sorted(CONFIG_FILES)}")
-    os.makedirs(args.workdir_root, exist_ok=True)
-    results_path = os.path.join(args.workdir_root, "results.jsonl")
-    done = {}
-    if os.path.exists(results_path) and not args.fresh:
-        for line in open(results_path):
-            r = json.loads(line)
-            if r["steps"] == args.steps:
-                done[(r["variant"], r["depth"], r["seed"])] = r
+    done = FinishedRuns(args.workdir_root, key=lambda r: (r["variant"], r["depth"], r["seed"]),
+                        matches=lambda r: r["steps"] == args.steps, fresh=args.fresh)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
                f"({jax.default_backend()})")
     # Seeds outermost, and the headline comparison (SMoE vs RMoE at every depth) before the
@@ -116,14 +111,12 @@ def main(argv=None) -> None:
             if (variant, depth, seed) in done:
                 continue
             row = run_one(variant, *families[variant], depth, seed, args)
-            done[(variant, depth, seed)] = row
-            with open(results_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            done.add(row)
             print(json.dumps({"bench": "rmoe_reproduce", "case": f"{variant}_L{depth}_s{seed}",
                               "metric": "val_bits_per_byte",
                               "value": row["val_bits_per_byte"], "goal": None,
                               "train_seconds": row["train_seconds"]}), flush=True)
-    rows = [done[k] for k in sorted(done) if k[1] in depths and k[2] in seeds]
+    rows = [done.rows[k] for k in sorted(done.rows) if k[1] in depths and k[2] in seeds]
     rmoe_report.write(rows, args.out, machine=machine, steps=args.steps, seeds=seeds,
                       stat_batches=args.stat_batches)
 
