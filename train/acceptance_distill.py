@@ -21,7 +21,6 @@ the batches hold (the embedded corpus), a cheaper stand-in.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Iterable
@@ -29,13 +28,12 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.acceptance_head import (AcceptanceHead, AcceptanceHeadConfig,
                                     DraftWithAcceptanceHead)
 from models.transformer import Transformer
-from train import optim
+from train import checkpoint, optim
 
 Batch = dict[str, np.ndarray]
 META_FILE = "acceptance_head.json"
@@ -194,33 +192,19 @@ _eval_terms = nnx.jit(_terms, static_argnums=(4,))
 def save_head(model: DraftWithAcceptanceHead, directory: str | os.PathLike,
               config: HeadTrainConfig) -> None:
     """Writes the head's parameters (orbax) and how it was trained (JSON)."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(directory, "params"), nnx.state(model.head, nnx.Param),
-                  force=True)
-    meta = {"d_model": model.head.config.d_model, "train": dataclasses.asdict(config)}
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
+    checkpoint.save_module(directory, model.head, META_FILE,
+                           {"d_model": model.head.config.d_model,
+                            "train": dataclasses.asdict(config)})
 
 
 def load_head(directory: str | os.PathLike, draft: Transformer) -> DraftWithAcceptanceHead:
     """`draft` with the head saved in `directory` (checked to fit the draft's width)."""
-    directory = os.path.abspath(directory)
-    meta_path = os.path.join(directory, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise ValueError(f"no acceptance head in {directory!r} (missing {META_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = checkpoint.read_module_meta(directory, META_FILE, "acceptance head")
     config = HeadTrainConfig(**meta["train"])
     if meta["d_model"] != draft.config.d_model:
-        raise ValueError(f"the acceptance head in {directory!r} reads d_model="
+        raise ValueError(f"the acceptance head in {os.fspath(directory)!r} reads d_model="
                          f"{meta['d_model']} states, the draft has d_model="
                          f"{draft.config.d_model}")
-    head = AcceptanceHead(AcceptanceHeadConfig(meta["d_model"], config.num_layers),
-                          rngs=nnx.Rngs(0))
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.join(directory, "params"),
-                                nnx.state(head, nnx.Param))
-    nnx.update(head, restored)
+    head = checkpoint.restore_module(directory, AcceptanceHead(
+        AcceptanceHeadConfig(meta["d_model"], config.num_layers), rngs=nnx.Rngs(0)))
     return DraftWithAcceptanceHead(draft, head)

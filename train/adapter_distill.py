@@ -30,12 +30,11 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.early_exit_adapter import AdapterConfig, EarlyExitAdapter
 from models.transformer import Transformer
-from train import optim
+from train import checkpoint, optim
 from train.checkpoint import config_to_dict
 
 Batch = dict[str, np.ndarray]
@@ -147,37 +146,22 @@ def train_adapter(target: Transformer, batches: Iterable[Batch], config: Adapter
 
 def save_adapter(adapter: EarlyExitAdapter, directory: str | os.PathLike) -> None:
     """Writes the adapter's parameters (orbax) and what it was trained for (JSON)."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(directory, "params"), nnx.state(adapter, nnx.Param), force=True)
-    meta = {"exit_layer": adapter.exit_layer,
-            "target_config": config_to_dict(adapter.config.target)}
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
+    checkpoint.save_module(directory, adapter, META_FILE,
+                           {"exit_layer": adapter.exit_layer,
+                            "target_config": config_to_dict(adapter.config.target)})
 
 
 def load_adapter(directory: str | os.PathLike, target: Transformer) -> EarlyExitAdapter:
     """The adapter saved in `directory`, checked to belong to `target`'s configuration."""
-    directory = os.path.abspath(directory)
-    meta_path = os.path.join(directory, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise ValueError(f"no adapter in {directory!r} (missing {META_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = checkpoint.read_module_meta(directory, META_FILE, "adapter")
     expected = json.loads(json.dumps(config_to_dict(target.config)))
     if meta["target_config"] != expected:
         differ = sorted(k for k in set(expected) | set(meta["target_config"])
                         if expected.get(k) != meta["target_config"].get(k))
-        raise ValueError(f"the adapter in {directory!r} was trained for another target: "
-                         f"config fields {differ} differ")
-    adapter = EarlyExitAdapter(AdapterConfig(target.config, meta["exit_layer"]),
-                               rngs=nnx.Rngs(0))
-    abstract = nnx.state(adapter, nnx.Param)
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.join(directory, "params"), abstract)
-    nnx.update(adapter, restored)
-    return adapter
+        raise ValueError(f"the adapter in {os.path.abspath(directory)!r} was trained for "
+                         f"another target: config fields {differ} differ")
+    return checkpoint.restore_module(directory, EarlyExitAdapter(
+        AdapterConfig(target.config, meta["exit_layer"]), rngs=nnx.Rngs(0)))
 
 
 def distill_workdir(target_workdir: str | os.PathLike, out_dir: str | os.PathLike,

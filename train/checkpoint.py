@@ -352,3 +352,36 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None, *,
         return model, model_name, model_config
     finally:
         ckpt.close()
+
+
+# ------------------------------------------------- small trained modules (adapters, heads)
+
+def save_module(directory: str | os.PathLike, module: nnx.Module, meta_file: str,
+                meta: dict[str, Any]) -> None:
+    """Writes a small trained module of its own (an early-exit adapter, an acceptance head) to
+    `directory`: its parameters (orbax, under params/) and `meta` (JSON, in `meta_file`: what
+    a loader needs to rebuild the module and check it fits)."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(directory, "params"), nnx.state(module, nnx.Param), force=True)
+    with open(os.path.join(directory, meta_file), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+
+
+def read_module_meta(directory: str | os.PathLike, meta_file: str, what: str) -> dict:
+    """The meta JSON save_module wrote, or a one-line error naming `what` is missing."""
+    path = os.path.join(os.path.abspath(directory), meta_file)
+    if not os.path.isfile(path):
+        raise ValueError(f"no {what} in {os.path.dirname(path)!r} (missing {meta_file})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def restore_module(directory: str | os.PathLike, module: nnx.Module) -> nnx.Module:
+    """`module` (built from the meta) with the parameters save_module wrote."""
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(os.path.join(os.path.abspath(directory), "params"),
+                                nnx.state(module, nnx.Param))
+    nnx.update(module, restored)
+    return module
