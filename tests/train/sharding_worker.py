@@ -133,7 +133,7 @@ def main(root: str) -> None:
                           "devices": len(on_tp.lm_head[...].sharding.device_set)}
 
     # Expert parallelism: an RMoE trained from scratch with its experts over tensor=4.
-    moe = trainer.train("rmoe", moe_config(), train_config(steps=3), batches(), None,
+    moe = trainer.train("rmoe", moe_config(), train_config(steps=2), batches(), None,
                         os.path.join(root, "moe"), progress=False,
                         mesh_config=sharding.MeshConfig(*EXPERT_PARALLEL))
     result["losses"]["moe"] = moe["losses"]

@@ -129,7 +129,7 @@ def test_data_parallel_and_fsdp_training_match_one_device(tmp_path):
     assert result["tp_specs"]["devices"] == 8
 
     # Expert parallelism: the MoE model's experts split over tensor=4 train like one device.
-    moe_single = trainer.train("rmoe", helpers.moe_config(), helpers.train_config(steps=3),
+    moe_single = trainer.train("rmoe", helpers.moe_config(), helpers.train_config(steps=2),
                                helpers.batches(), None, tmp_path / "moe_single", progress=False)
     np.testing.assert_allclose(result["losses"]["moe"], moe_single["losses"],
                                rtol=tolerances.F32, atol=tolerances.F32)
