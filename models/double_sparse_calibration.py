@@ -138,7 +138,7 @@ def with_double_sparse(model, calibration: str | os.PathLike | np.ndarray, **set
 
     calibration: a calibration file, a workdir holding one, or a ranking array.
     settings: TransformerConfig overrides (ds_token_sparsity, ds_label_channels,
-    ds_min_context, ds_label_bits, ds_dense_layers).
+    ds_min_context, ds_label_bits, ds_dense_layers, ds_selection).
     """
     config = dataclasses.replace(model.config, decode_attention="double_sparse", **settings)
     ranking = (np.asarray(calibration, np.int32) if isinstance(calibration, np.ndarray)

@@ -55,6 +55,7 @@ class TransformerConfig:
     ds_min_context: int = 256
     ds_label_bits: int = 16
     ds_dense_layers: int = 2
+    ds_selection: str = "kv_group"  # top-k per KV-head group (max over it) or "query_head"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

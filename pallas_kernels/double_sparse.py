@@ -10,17 +10,22 @@ Double Sparsity makes a decode step read a small part of the KV cache twice over
 2. *Token sparsity*: the top-k tokens by label score get an exact softmax over all D channels;
    every other token is skipped.
 
-GQA semantics (stated because DoubleSparse assumes Hq == Hkv): selection is per **KV-head
-group**. The channels belong to the KV head; each of its G query heads scores every token with
-its own q[channels]; a token's group score is the maximum over the G heads; the top-k tokens of
-that score are shared by the G heads, so each gathered K/V row serves G queries (the GQA-aware
-GPU kernel relies on this). With G = 1 it is exactly DoubleSparse's per-head selection.
+GQA semantics (stated because DoubleSparse assumes Hq == Hkv), ``select_per``: the channels
+belong to the KV head and each of its G query heads scores every token with its own
+q[channels]. "kv_group" (default): a token's group score is the maximum over the G heads and
+the top-k tokens of that score are shared by the G heads, so each gathered K/V row serves G
+queries (the GQA-aware GPU kernel relies on this). "query_head": each query head keeps its own
+top-k, as the official code does (it repeats K/V per head, ``repeat_kv``): G times the
+gathers; the jnp paths only. With G = 1 the two are the same.
 
 Step 1 (label scores + ``lax.top_k``) is XLA everywhere: it is memory-bound on the label bytes
 and an einsum is adequate (kernels.md §3b). Step 2, the gather-attention over the selected
-tokens, has three implementations behind :func:`double_sparse_attention`:
+tokens, has four implementations behind :func:`double_sparse_attention`:
 
 - ``reference``: a jnp gather + masked softmax in f32 (:func:`sparse_attention_reference`).
+- ``xla``: the whole step in XLA forms that are fast on CPU (``double_sparse_xla.py``: scores
+  as one matrix product, selection by bisection and bit-packed compaction, a row gather); the
+  same result as the reference (the same token set, f32 1e-5).
 - ``pallas`` with backend "gpu": Triton style, token granularity, split over the selected
   tokens (``double_sparse_gpu.py``); exact Double Sparsity.
 - ``pallas`` with backend "tpu": Mosaic style, block granularity with scalar-prefetched block
@@ -42,8 +47,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _compat
+from pallas_kernels import double_sparse_xla as xla
+from pallas_kernels.double_sparse_xla import SELECT_PER, check_select_per  # noqa: F401 (API)
 
-IMPLS = ("auto", "reference", "pallas")
+IMPLS = ("auto", "reference", "xla", "pallas")
 LABEL_BITS = (4, 8, 16)  # 16: the cache's dtype; 8 / 4: int8-stored, per-token scale
 
 
@@ -86,12 +93,14 @@ def quantize_labels(labels: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Ar
 
 
 def label_scores(q: jax.Array, k_label: jax.Array, channels: jax.Array, kv_len: jax.Array,
-                 label_scale: jax.Array | None = None) -> jax.Array:
-    """Group label scores [B, S, Hkv, N] in f32, -inf at slots a query does not see.
+                 label_scale: jax.Array | None = None, select_per: str = "kv_group") -> jax.Array:
+    """Label scores [B, S, Hsel, N] in f32, -inf at slots a query does not see.
 
     q [B, S, Hq, D]; k_label [B, N, Hkv, r] (int8 when label_scale [B, N, Hkv] is given);
-    channels [Hkv, r]; kv_len [B, S]. Score = max over the G heads of q_h[channels] . label.
+    channels [Hkv, r]; kv_len [B, S]. select_per "kv_group" (Hsel = Hkv): the max over the G
+    heads of q_h[channels] . label; "query_head" (Hsel = Hq): each head's own score.
     """
+    check_select_per(select_per)
     b, s, hq, _ = q.shape
     n, hkv, r = k_label.shape[1:]
     g = hq // hkv
@@ -99,10 +108,10 @@ def label_scores(q: jax.Array, k_label: jax.Array, channels: jax.Array, kv_len: 
     q_lab = jnp.take_along_axis(q, jnp.broadcast_to(ch[None, None], (b, s, hq, r)), axis=-1)
     q_lab = q_lab.reshape(b, s, hkv, g, r).astype(jnp.float32)
     scores = jnp.einsum("bskgr,bnkr->bskgn", q_lab, k_label.astype(jnp.float32))
-    scores = scores.max(axis=3)  # [B, S, Hkv, N]
     if label_scale is not None:
         # The scale is positive and shared by the G heads, so it commutes with the max.
-        scores = scores * label_scale.astype(jnp.float32).transpose(0, 2, 1)[:, None]
+        scores = scores * label_scale.astype(jnp.float32).transpose(0, 2, 1)[:, None, :, None]
+    scores = scores.max(axis=3) if select_per == "kv_group" else scores.reshape(b, s, hq, n)
     visible = jnp.arange(n)[None, None, None, :] < kv_len[:, :, None, None]
     return jnp.where(visible, scores, -jnp.inf)
 
@@ -176,20 +185,21 @@ def _num_valid(kv_len, num_selected, top_k):
 def sparse_attention_reference(q, k, v, idx, count, *, scale=None):
     """Exact softmax over the selected tokens, in f32.
 
-    q [B, S, Hq, D]; k, v [B, N, Hkv, D]; idx [B, S, Hkv, K] token ids shared by each group;
-    count [B, S, Hkv] (or broadcastable): ranks >= count are ignored. Returns [B, S, Hq, D].
+    q [B, S, Hq, D]; k, v [B, N, Hkv, D]; idx [B, S, Hsel, K] token ids, Hsel = Hkv (shared
+    by each group) or Hq (per query head); count [B, S, Hsel] (or broadcastable): ranks >=
+    count are ignored. Returns [B, S, Hq, D].
     """
     b, s, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
+    hkv, hsel = k.shape[2], idx.shape[2]
+    g = hq // hsel
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     rows = jnp.arange(b)[:, None, None, None]
-    heads = jnp.arange(hkv)[None, None, :, None]
-    ks = k[rows, idx, heads].astype(jnp.float32)  # [B, S, Hkv, K, D]
+    heads = (jnp.arange(hsel) // (hsel // hkv))[None, None, :, None]  # each one's KV head
+    ks = k[rows, idx, heads].astype(jnp.float32)  # [B, S, Hsel, K, D]
     vs = v[rows, idx, heads].astype(jnp.float32)
-    qg = q.reshape(b, s, hkv, g, d).astype(jnp.float32)
+    qg = q.reshape(b, s, hsel, g, d).astype(jnp.float32)
     logits = jnp.einsum("bskgd,bskjd->bskgj", qg, ks) * scale
-    valid = jnp.arange(idx.shape[-1]) < jnp.broadcast_to(count, (b, s, hkv))[..., None]
+    valid = jnp.arange(idx.shape[-1]) < jnp.broadcast_to(count, (b, s, hsel))[..., None]
     logits = jnp.where(valid[:, :, :, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bskgj,bskjd->bskgd", probs, vs)
@@ -232,14 +242,15 @@ def _kv_len(kv_len, b, s):
 
 
 def double_sparse_reference(q, k, v, k_label, channels, kv_len, *, top_k, num_selected=None,
-                            label_scale=None, scale=None, selection="top_k"):
+                            label_scale=None, scale=None, selection="top_k",
+                            select_per="kv_group"):
     """The whole Double Sparsity step in jnp: label scores, top-k, exact softmax over them."""
     _check(q, k, v, k_label, channels, top_k)
     b, s = q.shape[:2]
     kv_len = _kv_len(kv_len, b, s)
+    scores = label_scores(q, k_label, channels, kv_len, label_scale, select_per)
     count = jnp.broadcast_to(_num_valid(kv_len, num_selected, top_k)[:, :, None],
-                             (b, s, k.shape[2]))
-    scores = label_scores(q, k_label, channels, kv_len, label_scale)
+                             scores.shape[:3])
     idx = _select(scores, top_k, count, selection)
     return sparse_attention_reference(q, k, v, idx, count, scale=scale)
 
@@ -249,8 +260,8 @@ def double_sparse_reference(q, k, v, k_label, channels, kv_len, *, top_k, num_se
 # --------------------------------------------------------------------------------------------
 def double_sparse_attention(q, k, v, k_label, channels, kv_len, *, top_k: int,
                             num_selected=None, label_scale=None, scale=None, impl="auto",
-                            selection="auto", interpret=None, backend=None, n_split=None,
-                            block_k=None):
+                            selection="auto", select_per="kv_group", interpret=None,
+                            backend=None, n_split=None, block_k=None):
     """Double Sparsity attention of S queries per row over a KV cache and its label cache.
 
     Args:
@@ -259,11 +270,13 @@ def double_sparse_attention(q, k, v, k_label, channels, kv_len, *, top_k: int,
       top_k: static number of tokens selected per (row, query, KV-head group).
       num_selected: optional int [B, S] <= top_k, a per-query token budget.
       label_scale: [B, N, Hkv] when k_label is int8 (see :func:`quantize_labels`).
-      impl: "auto" (the Pallas kernel on GPU/TPU, the reference on CPU unless ``interpret`` is
-        set), "reference", "pallas".
-      selection: how the top tokens are found, "top_k" (lax.top_k), "threshold"
-        (:func:`select_by_threshold`, the same set without a sort) or "auto" (threshold on
-        CPU, top_k elsewhere).
+      impl: "auto" (the Pallas kernel on GPU/TPU, "xla" on CPU unless ``interpret`` is set,
+        and "xla" for select_per="query_head"), "reference", "xla", "pallas".
+      selection: reference only: how the top tokens are found, "top_k" (lax.top_k),
+        "threshold" (:func:`select_by_threshold`, the same set without a sort) or "auto"
+        (threshold on CPU, top_k elsewhere). "xla" always selects as double_sparse_xla.select.
+      select_per: "kv_group" (one token set per KV-head group) or "query_head" (per query
+        head; not in the Pallas kernels, which share each gathered row within a group).
       backend: Pallas style, "gpu" (token gather, exact) or "tpu" (block gather, approximate);
         default ``jax.default_backend()`` ("gpu" on CPU).
       n_split: GPU style: splits of the selected tokens (parallel programs per head).
@@ -271,14 +284,26 @@ def double_sparse_attention(q, k, v, k_label, channels, kv_len, *, top_k: int,
     """
     if impl not in IMPLS:
         raise ValueError(f"Unknown impl {impl!r}; valid: {IMPLS}.")
+    check_select_per(select_per)
     _check(q, k, v, k_label, channels, top_k)
     platform = jax.default_backend()
     if impl == "auto":
-        impl = "pallas" if platform in _compat.BACKENDS or interpret else "reference"
+        pallas = (platform in _compat.BACKENDS or interpret) and select_per == "kv_group"
+        impl = "pallas" if pallas else "xla"
+    if impl == "pallas" and select_per != "kv_group":
+        raise ValueError(f"select_per={select_per!r} has no Pallas kernel (they share each "
+                         "gathered row within a KV-head group); use impl='xla' or 'reference'")
     if impl == "reference":
         return double_sparse_reference(q, k, v, k_label, channels, kv_len, top_k=top_k,
                                        num_selected=num_selected, label_scale=label_scale,
-                                       scale=scale, selection=selection)
+                                       scale=scale, selection=selection,
+                                       select_per=select_per)
+    if impl == "xla":
+        b, s = q.shape[:2]
+        kv_len = _kv_len(kv_len, b, s)
+        return xla.double_sparse(q, k, v, k_label, channels, kv_len,
+                                 _num_valid(kv_len, num_selected, top_k), top_k=top_k,
+                                 label_scale=label_scale, scale=scale, select_per=select_per)
     interpret, backend = _compat.resolve_style(interpret, backend, "impl='reference'")
     b, s, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

@@ -4,15 +4,19 @@ Two measurements, baseline and method side by side in the same run:
 
 1. `attention_speedup`: one decode step of attention (one query per row) over the same f32 KV
    cache: dense (`models.core.attention.single_query_attention`, the model's own decode path)
-   vs Double Sparsity (`pallas_kernels.double_sparse.double_sparse_attention`: label scores
-   over r = D/16 channels, top-k selection, exact softmax over the k chosen tokens), for batch
+   vs Double Sparsity (`pallas_kernels.double_sparse.double_sparse_attention` with
+   impl="xla", the model's CPU path: label scores over r = D/16 channels, top-k selection,
+   exact softmax over the k chosen tokens; beside it the previous jnp-reference path), for batch
    1 and 8, contexts 8k/32k/128k, k = S/16 and S/8. Shapes: one layer of a GQA model with 16
    query heads, 4 KV heads, head_dim 128 (paper: Llama-2-7B's 32 heads of 128; halved to fit
    batch 8 x 128k in this machine's memory); f32 cache and labels, since XLA:CPU's bf16
    arithmetic is several times slower than f32 (docs/benchmarks.md). Each line carries
    `bandwidth_ideal`, the speedup if both sides were bound by the bytes they read (dense
    2*D*S, sparse r*S + 2*D*k values per KV head; kernels.md §3b: 10.7x at 1/16), and the time
-   of label scoring + selection alone (threshold selection, and lax.top_k for comparison).
+   of label scoring + selection alone. At batch 1, 1/16 and 32k (the goal's case) the line also
+   carries `pieces_ms`: each step of the path beside the forms it replaced (einsum scores,
+   lax.top_k / approx_max_k / nonzero-compaction selection, advanced-index gather, int8
+   labels), and `query_head_ms` (per-query-head selection).
 2. `decode_speedup`: end-to-end greedy decode steps of SmolLM2-135M (f32) at a long context,
    dense vs double-sparse (1/16 of the tokens, r = 4 of 64 channels), with the KV cache filled
    with random keys and values up to that context (speed does not depend on their values;
@@ -39,6 +43,7 @@ from flax import nnx
 
 from models.core.attention import single_query_attention
 from pallas_kernels import double_sparse as ds
+from pallas_kernels import double_sparse_xla as dsx
 
 BENCH = "double_sparsity"
 HQ, HKV, D = 16, 4, 128
@@ -75,36 +80,76 @@ def _inputs(batch: int, context: int, r: int, seed: int = 0):
     return q, k, v, labels, channels
 
 
-def attention_case(batch: int, context: int, fraction: int, repeats: int) -> dict:
+def attention_case(batch: int, context: int, fraction: int, repeats: int,
+                   pieces: bool = False) -> dict:
     r, top_k = D // 16, context // fraction
     q, k, v, labels, channels = _inputs(batch, context, r)
     kv_len = jnp.full((batch,), context, jnp.int32)
     mask = jnp.ones((batch, 1, 1, context), bool)
 
     dense = jax.jit(lambda q, k, v: single_query_attention(q, k, v, mask))
-    sparse = jax.jit(lambda q, k, v, lab: ds.double_sparse_attention(
-        q, k, v, lab, channels, kv_len, top_k=top_k, impl="reference", selection="threshold"))
+
+    def sparse_fn(impl, select_per="kv_group"):  # the model's path on CPU is impl="xla"
+        return jax.jit(lambda q, k, v, lab: ds.double_sparse_attention(
+            q, k, v, lab, channels, kv_len, top_k=top_k, impl=impl, selection="threshold",
+            select_per=select_per))
 
     def select_only(q, lab):
-        scores = ds.label_scores(q, lab, channels, kv_len[:, None])
-        count = jnp.full(scores.shape[:3], top_k, jnp.int32)
-        return ds.select_by_threshold(scores, top_k, count)
+        scores = dsx.label_scores(q, lab, channels, kv_len[:, None])
+        return dsx.select(scores, top_k, jnp.full(scores.shape[:3], top_k, jnp.int32))
 
     t_dense = _best_time(dense, (q, k, v), repeats)
-    t_sparse = _best_time(sparse, (q, k, v, labels), repeats)
+    t_sparse = _best_time(sparse_fn("xla"), (q, k, v, labels), repeats)
     t_select = _best_time(jax.jit(select_only), (q, labels), repeats)
-    t_topk = _best_time(jax.jit(lambda q, lab: ds.select_tokens(
-        ds.label_scores(q, lab, channels, kv_len[:, None]), top_k)), (q, labels), repeats)
+    # The previous CPU path (jnp reference: einsum scores, threshold selection with nonzero
+    # compaction, advanced-index gather), for the page's "what was tried" table.
+    t_before = _best_time(sparse_fn("reference"), (q, k, v, labels), repeats)
     dense_bytes = 2 * D * context * 2
     sparse_bytes = r * context * 2 + 2 * D * top_k * 2
     goal = GOAL if (context, fraction) == (GOAL_CONTEXT, GOAL_FRACTION) else None
-    return {"bench": BENCH, "case": f"attention_b{batch}_s{context}_k1/{fraction}",
+    line = {"bench": BENCH, "case": f"attention_b{batch}_s{context}_k1/{fraction}",
             "metric": "attention_speedup", "value": t_dense / t_sparse, "goal": goal,
             "bandwidth_ideal": dense_bytes / sparse_bytes, "dense_ms": 1e3 * t_dense,
             "double_sparse_ms": 1e3 * t_sparse, "labels_and_selection_ms": 1e3 * t_select,
-            "labels_and_lax_top_k_ms": 1e3 * t_topk, "batch": batch, "context": context,
-            "top_k": top_k, "r": r, "heads": HQ, "kv_heads": HKV, "head_dim": D,
-            "dtype": "float32", "repeats": repeats, **_machine()}
+            "reference_path_ms": 1e3 * t_before, "speedup_before": t_dense / t_before,
+            "batch": batch, "context": context, "top_k": top_k, "r": r, "heads": HQ,
+            "kv_heads": HKV, "head_dim": D, "dtype": "float32", "repeats": repeats,
+            **_machine()}
+    if pieces:
+        line["pieces_ms"] = _pieces(q, k, v, labels, channels, kv_len, top_k, repeats)
+        line["query_head_ms"] = 1e3 * _best_time(sparse_fn("xla", "query_head"),
+                                                 (q, k, v, labels), repeats)
+    return line
+
+
+def _pieces(q, k, v, labels, channels, kv_len, top_k, repeats) -> dict:
+    """Each step of the xla path beside the forms it replaced (the profile behind the page's
+    "what was tried" table), in ms."""
+    kv_len = kv_len[:, None]
+    scores = jax.jit(lambda q, lab: dsx.label_scores(q, lab, channels, kv_len))(q, labels)
+    count = jnp.full(scores.shape[:3], top_k, jnp.int32)
+    idx = jax.jit(lambda s: dsx.select(s, top_k, count))(scores)
+    lab8, scale8 = ds.quantize_labels(labels, 8)
+    steps = {
+        "scores_block_diagonal_matmul": (lambda q, lab: dsx.label_scores(
+            q, lab, channels, kv_len), (q, labels)),
+        "scores_einsum": (lambda q, lab: ds.label_scores(q, lab, channels, kv_len),
+                          (q, labels)),
+        "select_bisection_bitpacked": (lambda s: dsx.select(s, top_k, count), (scores,)),
+        "select_bisection_nonzero": (lambda s: ds.select_by_threshold(s, top_k, count),
+                                     (scores,)),
+        "select_lax_top_k": (lambda s: ds.select_tokens(s, top_k), (scores,)),
+        "select_lax_approx_max_k": (lambda s: jax.lax.approx_max_k(s, top_k)[1], (scores,)),
+        "gather_attend_row_take": (lambda q, k, v, i: dsx.sparse_attention(q, k, v, i, count),
+                                   (q, k, v, idx)),
+        "gather_attend_advanced_index": (lambda q, k, v, i: ds.sparse_attention_reference(
+            q, k, v, i, count), (q, k, v, idx)),
+        "whole_int8_labels": (lambda q, k, v, lab, sc: dsx.double_sparse(
+            q, k, v, lab, channels, kv_len, count[..., 0], top_k=top_k, label_scale=sc),
+            (q, k, v, lab8, scale8)),
+    }
+    return {name: 1e3 * _best_time(jax.jit(fn), args, repeats)
+            for name, (fn, args) in steps.items()}
 
 
 def decode_case(context: int, steps: int, fraction: int = 16) -> list[dict]:
@@ -182,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--contexts", default="8192,32768,131072")
     p.add_argument("--fractions", default="16,8")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--e2e_contexts", default="32768")
     p.add_argument("--e2e_steps", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
@@ -195,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     for context in contexts:
         for batch in batches:
             for fraction in fractions:
-                print(json.dumps(attention_case(batch, context, fraction, args.repeats)),
-                      flush=True)
+                pieces = (batch, fraction) == (1, GOAL_FRACTION) and context in (
+                    GOAL_CONTEXT, contexts[0])  # the profile: at the goal's case (or --quick)
+                print(json.dumps(attention_case(batch, context, fraction, args.repeats,
+                                                pieces)), flush=True)
     for context in e2e:
         for line in decode_case(context, args.e2e_steps):
             print(json.dumps(line), flush=True)

@@ -26,6 +26,8 @@ so the page can be rebuilt from any subset, `--parts=` only rewrites it):
 - block_error: the TPU kernel's block-granular selection against token-level selection, on
   this model's real queries and keys (relative L2 error of the attention output to dense).
 - channel_sweep: more label channels (r = 8, 16) and where the attention mass goes.
+- quality: the perplexity table, every `QUALITY` setting (r = D/16; the README's r = D/4 at 4
+  bits; the oracle; per-query-head selection) at each of `--fractions`, 2 dense layers.
 
 Speedups come from the timed benchmark (experiments/bench/double_sparsity.py, run under the
 exclusive CPU lock): pass its JSON lines with --bench_jsonl. Writes the markdown page and a
@@ -116,6 +118,30 @@ ABLATION = {
     "oracle_dense2": dict(ds_label_channels=64),
     "r16_4bit_dense2": dict(ds_label_channels=16, ds_label_bits=4),  # the README's setting
 }
+
+
+# The quality table: each setting (with_double_sparse overrides; r = D/16 and the first 2
+# layers dense unless it says otherwise) at each token fraction.
+QUALITY = {
+    "r4_dense2": {},
+    "r16_4bit_dense2": dict(ds_label_channels=16, ds_label_bits=4),  # the README's setting
+    "oracle_dense2": dict(ds_label_channels=64),  # true q.k: the token-selection loss alone
+    "r4_dense2_query_head": dict(ds_selection="query_head"),  # the official per-head top-k
+    "r16_4bit_dense2_query_head": dict(ds_label_channels=16, ds_label_bits=4,
+                                       ds_selection="query_head"),
+}
+
+
+def quality(pre, ranking, rows, names, fractions) -> dict:
+    """Perplexity of each QUALITY setting in `names` at each token fraction 1/f."""
+    out = {}
+    for name in names:
+        models = {f: dsc.with_double_sparse(pre.model, ranking, ds_token_sparsity=1.0 / f,
+                                            ds_min_context=MIN_CONTEXT, **QUALITY[name])
+                  for f in fractions if f != 1}
+        print(json.dumps({"quality": name}), flush=True)
+        out[name] = perplexity(models, rows)
+    return out
 
 
 def ablation(pre, ranking, rows, names, fraction: int = 8) -> dict:
@@ -230,13 +256,16 @@ def _int_keys(results: dict) -> dict:
     ints = ("perplexity", "perplexity_all_layers", "retrieval")
     out = {name: ({int(k): v for k, v in part.items()} if name in ints else part)
            for name, part in results.items()}
+    if "quality" in out:
+        out["quality"] = {name: {int(k): v for k, v in part.items()}
+                          for name, part in out["quality"].items()}
     if "channel_sweep" in out:
         out["channel_sweep"]["ppl"] = {int(k): v for k, v in out["channel_sweep"]["ppl"].items()}
     return out
 
 
 PARTS = ("block_error", "perplexity", "retrieval", "ablation", "retrieval_ablation",
-         "channel_sweep")
+         "channel_sweep", "quality")
 
 
 def measure(parts, args, results: dict) -> tuple[dict, str]:
@@ -272,6 +301,12 @@ def measure(parts, args, results: dict) -> tuple[dict, str]:
         names = args.ablation.split(",") if args.ablation else list(ABLATION)
         results["ablation"] = {**results.get("ablation", {}),
                                **ablation(pre, ranking, rows, names)}
+    if "quality" in parts:
+        names = args.quality.split(",") if args.quality else list(QUALITY)
+        got = quality(pre, ranking, rows, names, args.fractions)
+        table = results.setdefault("quality", {})
+        for name, by_fraction in got.items():
+            table[name] = {**table.get(name, {}), **by_fraction}
     if "channel_sweep" in parts:
         results["attention_mass"] = attention_mass(pre, ranking, rows[0, :1024])
         results["channel_sweep"] = channel_sweep(pre, ranking, rows)
@@ -287,7 +322,9 @@ def main(argv=None) -> None:
     p.add_argument("--ablation", default="", help=f"ablation settings to run, of "
                    f"{tuple(ABLATION)} (default all)")
     p.add_argument("--fractions", default="1,4,8,16",
-                   help="perplexity: token fractions 1/f to measure (1 = dense)")
+                   help="perplexity, quality: token fractions 1/f to measure (1 = dense)")
+    p.add_argument("--quality", default="", help=f"quality settings to run, of "
+                   f"{tuple(QUALITY)} (default all)")
     p.add_argument("--ppl_rows", type=int, default=2)
     p.add_argument("--ppl_len", type=int, default=2048)
     p.add_argument("--retrieval_trials", type=int, default=8)
@@ -304,6 +341,8 @@ def main(argv=None) -> None:
         raise ValueError(f"unknown parts {unknown}; valid: {PARTS}")
     if args.ablation and not set(args.ablation.split(",")) <= set(ABLATION):
         raise ValueError(f"unknown --ablation {args.ablation!r}; valid: {tuple(ABLATION)}")
+    if args.quality and not set(args.quality.split(",")) <= set(QUALITY):
+        raise ValueError(f"unknown --quality {args.quality!r}; valid: {tuple(QUALITY)}")
     start = time.time()
     results, meta = {}, {"minutes": 0.0}
     if os.path.exists(args.results_json):

@@ -12,7 +12,10 @@ holds what the model keeps and decides:
   the labels of every new token (prefill, decode, speculative drafts/verification) at the same
   positions as the keys, so `rewind` (which only moves lengths) rewinds them too: stale labels
   past a row's length are masked exactly like stale keys and overwritten later.
-- **Which tokens**: a query that sees `ctx` keys keeps `ceil(ctx * token_sparsity)` of them,
+- **Which tokens**: per KV-head group (`ds_selection="kv_group"`, the default: the group's G
+  query heads share one token set, ranked by the max of their label scores) or per query head
+  (`"query_head"`, the official code's semantics). A query that sees `ctx` keys keeps
+  `ceil(ctx * token_sparsity)` of them,
   or all of them while `ctx <= min_context` (dense below a minimum context, as DoubleSparse
   decodes densely while pos < heavy_const). Each query selects over its own causal prefix, so
   a multi-token verification computes exactly what the same tokens decoded one by one would,
@@ -36,8 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from models.core.kv_cache import LayerKV
-from pallas_kernels.double_sparse import (LABEL_BITS, double_sparse_attention, make_labels,
-                                          quantize_labels)
+from pallas_kernels.double_sparse import (LABEL_BITS, SELECT_PER, double_sparse_attention,
+                                          make_labels, quantize_labels)
 
 DECODE_ATTENTIONS = ("dense", "double_sparse")
 MAX_SPARSE_QUERIES = 64  # longer extends are prefills: attended densely
@@ -54,6 +57,7 @@ class DoubleSparseSettings:
     min_context: int          # contexts up to this many keys are attended densely
     label_bits: int           # 16: labels in the cache dtype; 8 or 4: integers + per-token scale
     dense_layers: int         # the first this many layers decode densely (DoubleSparse: 2)
+    select_per: str = "kv_group"  # one token set per KV-head group, or per query head
 
 
 def check_decode_attention(value: str) -> str:
@@ -82,11 +86,15 @@ def settings_from_config(config) -> DoubleSparseSettings | None:
         raise ValueError(f"ds_dense_layers={config.ds_dense_layers} must be in [0, n_layers="
                          f"{config.n_layers}) (the first layers decode densely; at least one "
                          "layer must be double-sparse)")
+    if config.ds_selection not in SELECT_PER:
+        raise ValueError(f"ds_selection={config.ds_selection!r}; valid: {SELECT_PER} (one "
+                         "token set per KV-head group, or per query head as DoubleSparse)")
     if config.window is not None:
         raise ValueError(f"decode_attention='double_sparse' needs full attention; got "
                          f"window={config.window}")
     return DoubleSparseSettings(r, float(config.ds_token_sparsity), int(config.ds_min_context),
-                                int(config.ds_label_bits), int(config.ds_dense_layers))
+                                int(config.ds_label_bits), int(config.ds_dense_layers),
+                                config.ds_selection)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +197,8 @@ def extend_attention(attn, q, k_new, kv: LabeledKV, positions, dense_attend, siz
         return double_sparse_attention(
             q, kv.k[:, :n].astype(q.dtype), kv.v[:, :n].astype(q.dtype), kv.label[:, :n],
             channels, ctx, top_k=token_budget(n, settings), num_selected=num_selected,
-            label_scale=None if kv.label_scale is None else kv.label_scale[:, :n])
+            label_scale=None if kv.label_scale is None else kv.label_scale[:, :n],
+            select_per=settings.select_per)
 
     needed = jnp.max(positions) + 1
     branch = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < needed)

@@ -151,6 +151,21 @@ def test_speculative_greedy_with_double_sparse_target_equals_greedy(sparse, dens
     assert 0 < spec.stats["acceptance_rate"] < 1
 
 
+def test_per_query_head_selection(sparse, dense, tokens):
+    """ds_selection="query_head" (the official code's per-head top-k; the kernel tests check it
+    against a numpy loop): a multi-token verification equals the same tokens decoded one by
+    one, and the result differs from the per-group selection. (The shared loop only sees the
+    model protocol, which the per-group tests above already drive through it.)"""
+    per_head = dsc.with_double_sparse(dense, CHANNELS, ds_label_channels=4,
+                                      ds_token_sparsity=0.25, ds_min_context=8,
+                                      ds_dense_layers=0, ds_selection="query_head")
+    assert per_head.blocks[0].attn.double_sparse.select_per == "query_head"
+    together = _run(per_head, [tokens[:, a:b] for a, b in SPANS])[0]
+    one_by_one = _run(per_head, [tokens[:, :16]] + [tokens[:, i:i + 1] for i in range(16, 20)])[0]
+    np.testing.assert_allclose(together, one_by_one, rtol=tolerances.F32, atol=tolerances.F32)
+    assert np.abs(together - _run(sparse, [tokens[:, a:b] for a, b in SPANS])[0]).max() > 1e-4
+
+
 def test_calibration_round_trip_and_errors(dense, tmp_path):
     path = calibrate_cli.run(model=dense, encode=lambda text: [b % 64 for b in text.encode()],
                              num_rows=2, seq_len=32, out=str(tmp_path / "cal.json"))
@@ -192,6 +207,7 @@ def test_decoding_without_calibration_says_what_to_run(sparse):
     (dict(window=4), r"needs full attention; got window=4"),
     (dict(ds_label_bits=2), r"ds_label_bits=2; valid: \(4, 8, 16\)"),
     (dict(ds_dense_layers=2), r"ds_dense_layers=2 must be in \[0, n_layers=2\)"),
+    (dict(ds_selection="token"), r"ds_selection='token'; valid: \('kv_group', 'query_head'\)"),
 ])
 def test_bad_config(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -1,7 +1,8 @@
 """Tests for pallas_kernels.double_sparse: the reference, both Pallas kernel styles, errors.
 
-The reference is anchored to a numpy loop (label scores, per-group top-k, softmax over the
-chosen tokens) and to dense attention when every token is chosen. The GPU-style kernel (exact
+The reference is anchored to a numpy loop (label scores, per-group or per-head top-k, softmax
+over the chosen tokens) and to dense attention when every token is chosen; the CPU path
+(impl="xla") to both, with integer labels and ties. The GPU-style kernel (exact
 Double Sparsity) and the TPU-style kernel (block granularity, compared with the reference over
 the *same blocks*) run in interpret mode on fresh random inputs, f32 at 1e-5 and bf16 at 2e-2.
 Shapes are tiny: each case packs GQA, B > 1, several queries per row (verification), ragged
@@ -17,7 +18,7 @@ from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import double_sparse as ds
-from pallas_kernels import double_sparse_gpu, double_sparse_tpu
+from pallas_kernels import double_sparse_gpu, double_sparse_tpu, double_sparse_xla
 from tests import tolerances
 
 
@@ -41,11 +42,15 @@ def _close(actual, expected, tol, what=""):
                                rtol=tol, atol=tol, err_msg=what)
 
 
-def _numpy_double_sparse(q, k, v, channels, kv_len, top_k, num_selected):
+def _numpy_double_sparse(q, k, v, channels, kv_len, top_k, num_selected, per_head=False,
+                         labels=None):
+    """per_head: each query head selects its own tokens (select_per="query_head"); labels
+    [B, N, Hkv, r] (dequantized) replace k[..., channels] in the scores when given."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
+    lab = None if labels is None else np.asarray(labels, np.float64)
     out = np.zeros(q.shape)
     for bi in range(b):
         for si in range(s):
@@ -53,10 +58,13 @@ def _numpy_double_sparse(q, k, v, channels, kv_len, top_k, num_selected):
             for kh in range(hkv):
                 ch = np.asarray(channels[kh])
                 heads = range(kh * g, (kh + 1) * g)
-                score = np.max([[q[bi, si, h, ch] @ k[bi, j, kh, ch] for j in range(n)]
-                                for h in heads], axis=0)
-                chosen = np.argsort(-score, kind="stable")[:min(top_k, int(num_selected[bi, si]))]
-                for h in heads:
+                keys = k[bi, :n, kh][:, ch] if lab is None else lab[bi, :n, kh]
+                scores = [[q[bi, si, h, ch] @ keys[j] for j in range(n)] for h in heads]
+                budget = min(top_k, int(num_selected[bi, si]))
+                group = np.argsort(-np.max(scores, axis=0), kind="stable")[:budget]
+                for i, h in enumerate(heads):
+                    chosen = (np.argsort(-np.asarray(scores[i]), kind="stable")[:budget]
+                              if per_head else group)
                     logits = np.array([q[bi, si, h] @ k[bi, j, kh] for j in chosen]) / np.sqrt(d)
                     p = np.exp(logits - logits.max())
                     out[bi, si, h] = (p / p.sum()) @ v[bi, chosen, kh]
@@ -64,7 +72,8 @@ def _numpy_double_sparse(q, k, v, channels, kv_len, top_k, num_selected):
 
 
 # Jitted once: eager op-by-op dispatch would compile every primitive separately.
-_ref = jax.jit(ds.double_sparse_reference, static_argnames=("top_k", "selection"))
+_ref = jax.jit(ds.double_sparse_reference, static_argnames=("top_k", "selection", "select_per"))
+_xla = jax.jit(ds.double_sparse_attention, static_argnames=("top_k", "impl", "select_per"))
 
 
 def test_reference_matches_numpy_loop():
@@ -74,6 +83,36 @@ def test_reference_matches_numpy_loop():
                num_selected=num)
     expected = _numpy_double_sparse(q, k, v, channels, np.asarray(kv_len), 12, np.asarray(num))
     _close(out, expected, tolerances.F32)
+
+
+@pytest.mark.parametrize("select_per,bits", [("kv_group", 4), ("query_head", 8)])
+def test_xla_path_matches_numpy_loop_and_reference(select_per, bits):
+    # The CPU path (impl="xla": matmul scores, bisection + bit-packed selection, row gather)
+    # against the numpy loop and the jnp reference: GQA, ragged kv lengths, 3 queries per row,
+    # per-query budgets, integer labels (4-bit labels give tied scores).
+    q, k, v, channels, kv_len = _inputs(2, 3, 4, 2, 80, 8, 3, jnp.float32, seed=11)
+    num = jnp.asarray([[5, 40, 17], [80, 1, 33]], jnp.int32)
+    labels, scale = ds.make_labels(k, channels), None
+    if bits < 16:
+        labels, scale = ds.quantize_labels(labels, bits)
+    args = (q, k, v, labels, channels, kv_len)
+    kw = dict(top_k=40, num_selected=num, label_scale=scale, select_per=select_per)
+    out = _xla(*args, impl="xla", **kw)
+    _close(out, _ref(*args, **kw), tolerances.F32)
+    dequantized = labels if scale is None else np.asarray(labels) * np.asarray(scale)[..., None]
+    expected = _numpy_double_sparse(q, k, v, channels, np.asarray(kv_len), 40, np.asarray(num),
+                                    per_head=select_per == "query_head", labels=dequantized)
+    _close(out, expected, tolerances.F32)
+
+
+def test_query_head_selection_has_no_kernel_and_other_values_are_refused():
+    q, k, v, channels, kv_len = _inputs(1, 1, 4, 2, 64, 16, 2, jnp.float32, seed=12)
+    args = (q, k, v, ds.make_labels(k, channels), channels, kv_len)
+    with pytest.raises(ValueError, match="select_per='query_head' has no Pallas kernel"):
+        ds.double_sparse_attention(*args, top_k=8, impl="pallas", interpret=True,
+                                   select_per="query_head")
+    with pytest.raises(ValueError, match=r"unknown select_per 'token'; valid: \('kv_group'"):
+        ds.double_sparse_attention(*args, top_k=8, select_per="token")
 
 
 def test_all_tokens_selected_is_dense_attention():
@@ -174,22 +213,23 @@ def test_tpu_kernel_matches_reference_over_the_same_blocks():
     _close(sim, one(out), tolerances.F32)
 
 
-def test_auto_on_cpu_is_the_reference_with_threshold_selection():
+def test_auto_on_cpu_is_the_xla_path():
     q, k, v, channels, kv_len = _inputs(1, 1, 4, 2, 64, 16, 2, jnp.float32, seed=6)
     labels = ds.make_labels(k, channels)
     auto = jax.jit(functools.partial(ds.double_sparse_attention, top_k=8))
-    np.testing.assert_array_equal(
-        auto(q, k, v, labels, channels, kv_len),
-        _ref(q, k, v, labels, channels, kv_len, top_k=8, selection="threshold"))
+    np.testing.assert_array_equal(auto(q, k, v, labels, channels, kv_len),
+                                  _xla(q, k, v, labels, channels, kv_len, top_k=8, impl="xla"))
 
 
-def test_threshold_selection_finds_the_top_k_set():
-    # Ties (rounded scores), -inf (invisible slots), negative values, budgets per row.
+@pytest.mark.parametrize("select", [ds.select_by_threshold, double_sparse_xla.select])
+def test_threshold_selection_finds_the_top_k_set(select):
+    # Ties (rounded scores), -inf (invisible slots), negative values, budgets per row; 200
+    # slots are not a multiple of the xla path's 32-token words.
     rng = np.random.default_rng(7)
     scores = np.round(rng.standard_normal((3, 2, 200)) * 4) / 4
     scores[0, :, 150:] = -np.inf
     count = np.asarray([[10, 150], [1, 37], [64, 0]], np.int32)
-    got = np.asarray(jax.jit(ds.select_by_threshold, static_argnums=1)(
+    got = np.asarray(jax.jit(select, static_argnums=1)(
         jnp.asarray(scores, jnp.float32), 150, jnp.asarray(count)))
     order = np.argsort(-scores, axis=-1, kind="stable")  # ties: the lower index first
     for i in np.ndindex(count.shape):
