@@ -69,7 +69,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("sampler", "greedy", f"Sampler name, one of: {', '.join(SAMPLERS)}.",
                         flag_values=fv)
     flags.DEFINE_bool("verbose", False, "Show full tracebacks of errors.", flag_values=fv)
-    flags.DEFINE_string("draft_workdir", None, "Workdir of the draft model (speculative, fly).",
+    flags.DEFINE_string("draft_workdir", None, "Workdir of the draft model (speculative, fly; "
+                        "specdecpp also reads its acceptance head from DIR/acceptance_head).",
                         flag_values=fv)
     flags.DEFINE_string("adapter_dir", None,
                         "A trained early-exit adapter of the target (self_spec samplers; "
@@ -241,6 +242,13 @@ def decode_text(workdir: str | None, prompt: str, *, sampler: str = "greedy",
         if restore is None:
             from train.checkpoint import restore_model as restore
         draft = restore(draft_workdir, None)[0]
+        if sampler.startswith("specdecpp"):
+            # SpecDec++ drafts with the draft's acceptance head, saved beside it by
+            # experiments/train_draft.py --head_steps (train/acceptance_distill.py).
+            import os
+
+            from train.acceptance_distill import load_head
+            draft = load_head(os.path.join(draft_workdir, "acceptance_head"), draft)
     elif draft_gguf:
         from experiments.pretrained import load_pretrained
 

@@ -2,13 +2,14 @@
 speculative samplers are timed and FLy's `accuracy_retained` (arXiv 2511.22972) is defined.
 
   next_line  next-line completion of held-out standard-library functions: the prompt is a
-             function's source up to the end of a line inside its body, the answer is the
-             next line; a completion is correct when it ends the prompt's line and its next
-             line equals the answer (surrounding whitespace ignored). Functions come from the
-             corpus's validation files (train/corpus.py split_of), so a model trained here on
-             the training split never saw them.
-  edit       a copy-heavy edit: the prompt shows a function and asks for it back renamed to
-             NAME_new (recursive calls too), and starts the answer (the completion style
+             function's source up to a line inside its body plus that line's first half of
+             words, the answer is the rest of the line; a completion is correct when its first
+             line equals the answer exactly (trailing whitespace ignored). Only lines whose
+             names all occur earlier in the function qualify (a 135M model cannot guess a new
+             name). Functions come from the corpus's validation files (train/corpus.py
+             split_of), so a model trained here on the training split never saw them.
+  edit       a copy-heavy edit: the prompt shows a function (4-8 lines) and asks for it back
+             renamed to NAME_new (recursive calls too), and starts the answer (the completion style
              suits a 135M model better than a chat instruction); correct when the
              completion's first len(answer) lines equal the renamed function. Almost every
              answer token is in the prompt, which is where prompt lookup (n-gram drafting)
@@ -30,6 +31,9 @@ from train import corpus
 
 TASKS = ("next_line", "edit")
 MAX_FUNCTION_LINES = 24
+# The edit copies the whole function back; past about ten lines a 135M model starts to
+# rewrite bodies instead of copying them (0 of 4 right at 24 lines).
+MAX_EDIT_LINES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +46,8 @@ class Task:
     name: str
 
 
-def _functions(seed: int, limit: int) -> list[tuple[str, str]]:
+def _functions(seed: int, limit: int, max_lines: int = MAX_FUNCTION_LINES
+               ) -> list[tuple[str, str]]:
     """(name, source) of short top-level or method functions of validation-split files,
     in a seeded order; sources are dedented to column 0."""
     root = corpus.stdlib_root()
@@ -61,7 +66,7 @@ def _functions(seed: int, limit: int) -> list[tuple[str, str]]:
                 continue
             start, end = node.lineno - 1, node.end_lineno
             if (node.decorator_list or ast.get_docstring(node) is not None
-                    or not 4 <= end - start <= MAX_FUNCTION_LINES):
+                    or not 4 <= end - start <= max_lines):
                 continue
             body = lines[start:end]
             indent = len(body[0]) - len(body[0].lstrip())
@@ -75,19 +80,38 @@ def _functions(seed: int, limit: int) -> list[tuple[str, str]]:
     return found[:limit]
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+
+
+def _predictable(line: str, before: str) -> bool:
+    """Every identifier of `line` already occurs in `before`: the line recombines names the
+    prompt has shown (a 135M model cannot guess a new name; 1 of 4 arbitrary lines right)."""
+    names = set(_IDENTIFIER.findall(line))
+    seen = set(_IDENTIFIER.findall(before))
+    return bool(names) and names <= seen
+
+
 def _next_line_task(name: str, source: str, rng: random.Random) -> Task | None:
     lines = source.split("\n")
     # A body line (not the signature, not the first body line, not blank or a comment) whose
-    # answer is more than a closing bracket.
+    # answer is more than a closing bracket and uses only names the prompt has shown.
     candidates = [i for i in range(2, len(lines))
-                  if len(lines[i].strip()) >= 8 and not lines[i].strip().startswith("#")]
+                  if len(lines[i].strip()) >= 8 and not lines[i].strip().startswith("#")
+                  and _predictable(lines[i], "\n".join(lines[:i]))
+                  and len(lines[i].split()) >= 3]
     if not candidates:
         return None
     i = rng.choice(candidates)
-    # The prompt stops at the end of the line before, without its newline: BPE vocabularies
-    # merge a newline with the next line's indentation, so a prompt ending in a bare newline
-    # would leave the model after a token split it never saw in training.
-    return Task("next_line", "\n".join(lines[:i]), lines[i].strip(), name)
+    # The prompt gives the line's first half of words and stops before a space (BPE
+    # vocabularies merge a space into the next word, so the answer starts at a token
+    # boundary the model saw in training); the answer is the rest of the line. Whole unseen
+    # lines were too hard for a 135M model (1 of 8 right).
+    line = lines[i]
+    indent = line[:len(line) - len(line.lstrip())]
+    words = line.strip().split(" ")
+    keep = (len(words) + 1) // 2
+    head, rest = " ".join(words[:keep]), " " + " ".join(words[keep:])
+    return Task("next_line", "\n".join(lines[:i] + [indent + head]), rest, name)
 
 
 def _name_pattern(name: str) -> str:
@@ -134,7 +158,8 @@ def build_tasks(kind: str, n: int = 16, seed: int = 0) -> list[Task]:
     make = _next_line_task if kind == "next_line" else _edit_task
     rng = random.Random(seed)
     tasks = []
-    for name, source in _functions(seed, limit=20 * n):
+    max_lines = MAX_EDIT_LINES if kind == "edit" else MAX_FUNCTION_LINES
+    for name, source in _functions(seed, limit=40 * n, max_lines=max_lines):
         task = make(name, source, rng)
         if task is not None:
             tasks.append(task)
@@ -147,10 +172,8 @@ def build_tasks(kind: str, n: int = 16, seed: int = 0) -> list[Task]:
 def score(task: Task, completion: str) -> bool:
     """Whether `completion` (the generated text after the prompt) answers `task`."""
     if task.kind == "next_line":
-        # The prompt ends mid-file at the end of a line: the completion must end that line
-        # (nothing else on it) and then write the answer.
-        lines = completion.split("\n")
-        return len(lines) >= 2 and not lines[0].strip() and lines[1].strip() == task.answer
+        # The prompt ends inside a line: the completion's first line must finish it exactly.
+        return completion.split("\n", 1)[0].rstrip() == task.answer.rstrip()
     want = task.answer.rstrip("\n").split("\n")
     got = completion.split("\n")[:len(want)]
     return [g.rstrip() for g in got] == [w.rstrip() for w in want]

@@ -171,10 +171,30 @@ def distill_workdir(target_workdir: str | os.PathLike, out_dir: str | os.PathLik
     `data_config` (default: the embedded corpus, 8 x 256 tokens a batch), saves it to out_dir
     and returns held-out metrics of the plain early exit ("before") and of the adapter
     ("after") on the first `eval_batches` validation batches."""
-    from train import data as data_lib
     from train.checkpoint import restore_model
 
     target = restore_model(target_workdir)[0]
+    return distill_target(target, out_dir, config, data_config=data_config,
+                          eval_batches=eval_batches, log=log)
+
+
+def pretrained_data_config(tokenizer_path: str, config: AdapterTrainConfig, *,
+                           seq_len: int = 128, batch_size: int = 8):
+    """The embedded corpus tokenized with a real target's own tokenizer (its GGUF file, HF
+    folder or packaged name); short rows, since every batch costs a full target forward."""
+    from train import data as data_lib
+
+    return data_lib.DataConfig(tokenizer="pretrained", tokenizer_path=tokenizer_path,
+                               seq_len=seq_len, batch_size=batch_size, seed=config.seed)
+
+
+def distill_target(target: Transformer, out_dir: str | os.PathLike, config: AdapterTrainConfig,
+                   *, data_config=None, eval_batches: int = 8,
+                   log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """distill_workdir for a target already in memory (e.g. an imported SmolLM2, with
+    pretrained_data_config for its tokenizer)."""
+    from train import data as data_lib
+
     data_config = data_config or data_lib.DataConfig(seed=config.seed)
     held_out = list(data_lib.eval_batches(data_config, max_batches=eval_batches))
     before = evaluate(EarlyExitAdapter.from_target(target, config.exit_layer), target,

@@ -6,17 +6,20 @@ costs against one decoding step.
 Samplers (cases `{sampler}_{task}_b{batch}`):
   ngram         prompt lookup, greedy verification (Saxena 2023; Leviathan et al., arXiv
                 2211.17192)
-  self_spec     Kangaroo-style early exit at --exit_layers (arXiv 2404.18911) through the
-                target's own head (no adapter: one per exit layer would need training), so the
-                exit layer is chosen by measurement: every listed layer is a case
-  speculative / fly / specdecpp   only with --draft_dir (a draft Transformer checkpoint
-                trained for this target, and for specdecpp its acceptance head under
-                DIR/acceptance_head); without one they are reported as null with the reason
-All run greedy (the sampling variants keep the target's distribution but are not comparable
-by tokens); every greedy-exact sampler must reproduce plain greedy's tokens (`tokens_match`).
+  self_spec_lL  Kangaroo early exit at layer L (arXiv 2404.18911) through a trained adapter
+                (--adapter_dirs L:DIR,...; experiments/train_adapter.py --pretrained), or the
+                plain early exit for an --exit_layers entry without one
+  speculative_greedy / speculative (lossless sampling, T=1) / fly / fly_sample /
+  specdecpp_greedy / specdecpp   with the distilled draft in --draft_dir (trained there by
+                experiments/train_draft.py when missing) and, for specdecpp, its acceptance
+                head in DIR/acceptance_head
+Every greedy-exact sampler must reproduce plain greedy's tokens (`tokens_match`); sampling
+cases are timed against plain sampling of the target too (`speedup_vs_sample`). FLy's
+`accuracy_retained` is its task accuracy over plain greedy's (goal 0.99).
 
 HF transformers runs the same prompts at batch 1 (its assisted generation takes one
-sequence): greedy, prompt lookup and `assistant_early_exit` at the first --exit_layers.
+sequence): greedy, prompt lookup, `assistant_early_exit` at the first --exit_layers, and
+assisted generation with the same draft (DIR/draft.gguf).
 
 Metrics, one JSON line each:
   speedup            t(greedy) / t(sampler), the same prompts, batches and budget (goal 1.5
@@ -31,7 +34,7 @@ Times are whole `generate` calls after a compiling warm-up call, best of --repea
 a task are cut to one prompt bucket so no case compiles twice.
 
     python -m experiments.bench.real_speculative [--tasks edit,next_line] [--batches 1,4]
-        [--n 8] [--exit_layers 6,10] [--draft_dir DIR] [--quick]
+        [--n 8] [--exit_layers 8] [--adapter_dirs 8:DIR] [--draft_dir DIR] [--quick]
 """
 from __future__ import annotations
 
@@ -47,11 +50,13 @@ import numpy as np
 from flax import nnx
 
 from decoding.generate import generate, prompt_bucket
+from decoding.sampling import SamplingConfig
 from decoding.speculative import NgramConfig, SelfSpecConfig
 from experiments import real_tasks
 
 BENCH = "real_speculative"
-GOALS = {"speedup": 1.5, "verify_cost_ratio": 1.5}
+GOALS = {"speedup": 1.5, "verify_cost_ratio": 1.5, "accuracy_retained": 0.99}
+DEFAULT_DRAFT_DIR = os.path.join("workdirs", "smollm2_draft")
 VERIFY_PROMPT = 112
 
 
@@ -147,7 +152,8 @@ def verify_cost(model) -> dict:
             "value": round(five / one, 3), "gamma": 4}
 
 
-def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats: int):
+def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats: int,
+            draft_gguf: str | None = None):
     """HF transformers on the same f32 weights and prompts, batch 1 (its assisted generation
     takes one sequence): greedy, prompt lookup (prompt_lookup_num_tokens=10, our n-gram
     gamma) and LayerSkip-style `assistant_early_exit` (its self-speculation, without an
@@ -162,6 +168,13 @@ def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats:
     hf.generation_config.pad_token_id = 0
     methods = {"greedy": {}, "ngram": {"prompt_lookup_num_tokens": 10},
                f"self_spec_l{exit_layer}": {"assistant_early_exit": exit_layer}}
+    if draft_gguf:
+        directory, name = os.path.split(draft_gguf)
+        assistant = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                         dtype=torch.float32).eval()
+        assistant.generation_config.num_assistant_tokens = 4  # our gamma
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        methods["speculative_greedy"] = {"assistant_model": assistant}
     with torch.inference_mode():
         for method, extra in methods.items():
             def call(prompts=prompts):
@@ -182,17 +195,63 @@ def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats:
             yield method, {"seconds": best, "tokens": tokens}
 
 
-def sampler_cases(args, model) -> dict[str, dict | str]:
+def load_draft(draft_dir: str, target_gguf: str, log=print):
+    """(draft Transformer, draft with acceptance head or None, draft GGUF path) from
+    draft_dir, distilling the draft there first (experiments/train_draft.py's defaults,
+    about half an hour of this CPU) when it holds no finished one."""
+    from train import acceptance_distill, draft_distill
+    from train.checkpoint import restore_model
+
+    summary = draft_distill.read_summary(draft_dir)
+    if summary is None or "after" not in summary:
+        from experiments.pretrained import load_pretrained
+
+        pre = load_pretrained(gguf=target_gguf)
+        log(f"no finished draft in {draft_dir!r}: distilling one (experiments/train_draft.py)")
+        summary = draft_distill.run(draft_dir, draft_distill.DraftTrainConfig(), pre.model,
+                                    pre.tokenizer, target_gguf=target_gguf)
+    draft = restore_model(draft_dir)[0]
+    head_dir = os.path.join(draft_dir, "acceptance_head")
+    with_head = (acceptance_distill.load_head(head_dir, draft)
+                 if os.path.isdir(head_dir) else None)
+    return draft, with_head, summary.get("gguf")
+
+
+def sampler_cases(args, model, draft=None, with_head=None) -> dict[str, dict | str]:
     """name -> generate kwargs, or the reason the case cannot run."""
+    from decoding.speculative import FlyConfig, SpecDecPPConfig, SpeculativeConfig
+    from train.adapter_distill import load_adapter
+
+    sample = SamplingConfig(temperature=1.0)
     cases: dict[str, dict | str] = {"ngram": {"sampler": "ngram_greedy",
                                               "config": NgramConfig()}}
     for layer in args.exit_layers:
-        cases[f"self_spec_l{layer}"] = {"sampler": "self_spec_greedy", "config": SelfSpecConfig(
+        adapter = args.adapter_dirs.get(layer)
+        kwargs = {"sampler": "self_spec_greedy", "config": SelfSpecConfig(
             exit_layer=layer, gamma=6, threshold=0.6)}
-    reason = ("no distilled draft for this target (--draft_dir); experiments/train_draft.py "
-              "is not written yet")
-    for name in ("speculative", "fly", "specdecpp"):
-        cases[name] = reason
+        if adapter:
+            kwargs["draft_model"] = load_adapter(adapter, model)
+        cases[f"self_spec_l{layer}" + ("" if adapter else "_noadapter")] = kwargs
+    if draft is None:
+        for name in ("speculative_greedy", "speculative", "fly", "fly_sample"):
+            cases[name] = "no distilled draft (--draft_dir)"
+    else:
+        spec = SpeculativeConfig(gamma=4)
+        cases["speculative_greedy"] = {"sampler": "speculative_greedy", "config": spec,
+                                       "draft_model": draft}
+        cases["speculative"] = {"sampler": "speculative", "config": spec,
+                                "draft_model": draft, "sampling": sample}
+        cases["fly"] = {"sampler": "fly", "config": FlyConfig(), "draft_model": draft}
+        cases["fly_sample"] = {"sampler": "fly_sample", "config": FlyConfig(),
+                               "draft_model": draft, "sampling": sample}
+    if with_head is None:
+        for name in ("specdecpp_greedy", "specdecpp"):
+            cases[name] = "no acceptance head in DIR/acceptance_head of --draft_dir"
+    else:
+        cases["specdecpp_greedy"] = {"sampler": "specdecpp_greedy",
+                                     "config": SpecDecPPConfig(), "draft_model": with_head}
+        cases["specdecpp"] = {"sampler": "specdecpp", "config": SpecDecPPConfig(),
+                              "draft_model": with_head, "sampling": sample}
     return cases
 
 
@@ -201,7 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="edit,next_line")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--exit_layers", default="8,12")
+    parser.add_argument("--exit_layers", default="8")
+    parser.add_argument("--adapter_dirs", default="",
+                        help="L:DIR,... trained early-exit adapters by exit layer")
+    parser.add_argument("--draft_dir", default=DEFAULT_DRAFT_DIR,
+                        help="distilled draft (trained here when missing); 'none' skips")
+    parser.add_argument("--jsonl", default=None, help="append the JSON lines to this file")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--samplers", default=None, help="subset of the cases' samplers")
     parser.add_argument("--quick", action="store_true",
@@ -214,10 +278,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tasks, args.batches, args.n, args.exit_layers = "edit", "1", 4, "8"
     args.exit_layers = [int(x) for x in args.exit_layers.split(",")]
+    args.adapter_dirs = {int(k): v for k, v in (x.split(":", 1) for x in
+                                                args.adapter_dirs.split(",") if x)}
+    args.exit_layers += [k for k in args.adapter_dirs if k not in args.exit_layers]
     from experiments.pretrained import load_pretrained
 
     pre = load_pretrained(name="smollm2")
     model, tok = pre.model, pre.tokenizer
+    draft = with_head = draft_gguf = None
+    if args.draft_dir != "none":
+        draft, with_head, draft_gguf = load_draft(args.draft_dir, pre.source)
     common = {"bench": BENCH, "model": "smollm2", "machine": platform.machine(),
               "cpus": os.cpu_count(), "backend": jax.default_backend()}
     lines: list[dict] = []
@@ -225,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         emit({**common, "case": "smollm2_gamma4", "metric": "verify_cost_ratio",
               **verify_cost(model), "goal": GOALS["verify_cost_ratio"],
               "load_avg": os.getloadavg()[0]}, lines)
-    cases = sampler_cases(args, model)
+    cases = sampler_cases(args, model, draft, with_head)
     if args.samplers:
         keep = args.samplers.split(",")
         cases = {k: v for k, v in cases.items() if any(k.startswith(s) for s in keep)}
@@ -244,6 +314,15 @@ def main(argv: list[str] | None = None) -> None:
                     "max_new_tokens": budget, "greedy_s": round(t_greedy, 3),
                     "greedy_accuracy": greedy_acc,
                     "greedy_tokens_per_s": round(sum(map(len, greedy_tokens)) / t_greedy, 1)}
+            t_sample = None
+            if any(isinstance(k, dict) and "sampling" in k for k in cases.values()):
+                t_sample, sample_tokens, _ = run_case(
+                    model, prompts, batch, budget, tok.stop_ids,
+                    {"sampler": "sample", "sampling": SamplingConfig(temperature=1.0)},
+                    args.repeats)
+                base["sample_s"] = round(t_sample, 3)
+                base["sample_accuracy"] = real_tasks.accuracy(
+                    tasks[:n_rows], [tok.decode(t) for t in sample_tokens])
             for name, kwargs in cases.items():
                 line = {**base, "case": f"{name}_{kind}_b{batch}", "metric": "speedup",
                         "goal": GOALS["speedup"] if batch == 1 and kind == "edit" else None}
@@ -253,18 +332,28 @@ def main(argv: list[str] | None = None) -> None:
                 seconds, tokens, stats = run_case(model, prompts, batch, budget, tok.stop_ids,
                                                   kwargs, args.repeats)
                 acc = real_tasks.accuracy(tasks[:n_rows], [tok.decode(t) for t in tokens])
+                extra = {}
+                if "sampling" in kwargs:
+                    extra["speedup_vs_sample"] = round(t_sample / seconds, 3)
+                else:
+                    extra["tokens_match"] = tokens == greedy_tokens
                 emit({**line, "value": round(t_greedy / seconds, 3),
-                      "seconds": round(seconds, 3), "accuracy": acc,
-                      "tokens_match": tokens == greedy_tokens, **stats,
+                      "seconds": round(seconds, 3), "accuracy": acc, **extra, **stats,
                       "load_avg": os.getloadavg()[0]}, lines)
+                if name.startswith("fly"):
+                    emit({**base, "case": f"{name}_{kind}_b{batch}",
+                          "metric": "accuracy_retained", "goal": GOALS["accuracy_retained"],
+                          "value": round(acc / greedy_acc, 3) if greedy_acc else None,
+                          "accuracy": acc, **({} if greedy_acc else {
+                              "reason": "plain greedy scored 0 on this task"})}, lines)
                 ours[(kind, batch, name)] = (seconds, tokens)
             ours[(kind, batch, "greedy")] = (t_greedy, greedy_tokens)
         if args.hf and 1 in batches:
             hf = {}
             for method, r in hf_side(pre.source, prompts, budget, tok.stop_ids,
-                                     args.exit_layers[0], args.repeats):
+                                     args.exit_layers[0], args.repeats, draft_gguf):
                 hf[method] = r
-                mine = ours.get((kind, 1, method))
+                mine = ours.get((kind, 1, method)) or ours.get((kind, 1, method + "_noadapter"))
                 line = {**common, "task": kind, "batch": 1, "prompts": len(prompts),
                         "max_new_tokens": budget, "case": f"{method}_{kind}_b1",
                         "hf_seconds": round(r["seconds"], 3),
@@ -279,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
                       "value": round(r["seconds"] / mine[0], 3), "goal": 1.0,
                       "our_seconds": round(mine[0], 3),
                       "tokens_match_hf": mine[1] == r["tokens"]}, lines)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.writelines(json.dumps(x) + "\n" for x in lines)
     if args.plot:
         plot(lines, args.plot)
 

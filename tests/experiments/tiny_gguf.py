@@ -6,8 +6,9 @@ from __future__ import annotations
 import pathlib
 
 
-def write(path: pathlib.Path) -> str:
-    """Writes the file at `path` and returns its path as a string."""
+def write(path: pathlib.Path, head_scale: float = 1.0) -> str:
+    """Writes the file at `path` and returns its path as a string; head_scale (as in
+    tests.decoding.helpers.model) sharpens its next-token distributions."""
     from models import convert_gguf
     from tests.decoding import helpers
     from train import gguf_vocab
@@ -16,6 +17,6 @@ def write(path: pathlib.Path) -> str:
     vocab = gguf_vocab.gguf_vocab(ByteTokenizer(), 260)
     template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}[assistant] {% endif %}")
-    convert_gguf.save_gguf(helpers.model(vocab=260), str(path), vocab=convert_gguf.GGUFVocab(
+    convert_gguf.save_gguf(helpers.model(vocab=260, head_scale=head_scale), str(path), vocab=convert_gguf.GGUFVocab(
         **{**vocab.__dict__, "chat_template": template}))
     return str(path)
