@@ -14,6 +14,12 @@ Tasks (byte tokens; answers of 32-64 tokens so that parallel decoding matters):
               (a, b: n = min_len..max_len digits each; answers of n or n + 1 digits)
     either    "any:<s>=" -> s or shift(s), drawn at random per example: both answers are
               correct, so the answer distribution has two modes
+    alternate "alt:<x><y>=" -> xyxy... or yxyx... (x, y: two distinct letters of a-zA-Z; answers
+              of min_len..max_len letters): either answer is correct, scored by validity
+    permute   "perm:<s>=" -> any permutation of s (s: min_len..max_len DISTINCT letters of
+              the 32 letters a-zA-F, so with 32 every prompt holds each letter once); trained
+              on random permutations, scored by validity (the answer's letters are exactly
+              s's), not exact match
 
 Answer tokens that depend on each other are what make committing many per step risky; copy
 and shift, whose tokens each depend on one prompt position alone, saturate every sampler (yet
@@ -23,7 +29,19 @@ between two letters, but one committed token fixes all the others, so committing
 from the all-masked state can mix the two answers; in `add_lsd` (written LSD first, a_{i-1},
 b_{i-1} and c_{i-1} fix carry_i) a carry through a run of a_j + b_j = 9 is uncertain from an
 all-masked answer. The tiny model learned neither within the CPU budget
-(docs/results/diffusion_samplers.md, notes).
+(docs/results/diffusion_samplers.md, notes). `alternate` is the dependent task it does learn (in
+~4000 steps): from the all-masked answer every position is a coin flip between x and y, but each
+letter differs from its neighbours and equals the letters two apart, so a committed letter fixes
+the others. Committing several tokens from their marginals in one step risks two equal
+neighbours (the joint-vs-marginal failure of parallel decoding), while a one-token-per-step
+decoder conditions each choice on what it committed. The coupling relates letters at fixed
+relative offsets (copy-like attention with RoPE), which the tiny model picks up; tasks whose
+coupling needs a comparison or a count did not train in 2000 steps: `permute` (any permutation
+of 32 distinct letters: the model stayed at the uniform-letter loss, committing letters it had
+already used; drawn from 52 letters it did not even learn which letters the prompt holds) and
+a running-parity task (dropped). `is_correct` scores tasks with several
+correct answers (`MANY_ANSWERS`) by validity, the others by exact match; `accuracy_kind` names
+which.
 
 Examples are SFT rows in LLaDA's layout: BOS + prompt, then the answer padded with EOS to
 `gen_length` tokens, then padding. `loss_mask` is 1 exactly on the gen_length answer slots
@@ -46,7 +64,12 @@ import grain
 import numpy as np
 
 DATASET_NAME = "synthetic_tasks"
-TASKS = ("copy", "shift", "reverse", "sort", "add", "add_lsd", "either")
+TASKS = ("copy", "shift", "reverse", "sort", "add", "add_lsd", "either", "alternate",
+         "permute")
+# Tasks with more than one correct answer: accuracy is validity (any correct answer counts).
+MANY_ANSWERS = ("either", "alternate", "permute")
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+PERMUTE_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEF"   # 32 letters
 SPLITS = ("train", "validation")
 # Byte tokenizer ids (train/tokenizer.py ByteTokenizer).
 BOS, EOS, PAD = 256, 257, 258
@@ -69,6 +92,9 @@ class SyntheticTaskConfig:
         if self.max_len > self.gen_length:
             raise ValueError(f"max_len={self.max_len} answers do not fit "
                              f"gen_length={self.gen_length}")
+        if "permute" in self.tasks and self.max_len > len(PERMUTE_ALPHABET):
+            raise ValueError(f"max_len={self.max_len}: permute draws distinct letters, so "
+                             f"max_len must be <= {len(PERMUTE_ALPHABET)}")
 
     @property
     def max_prompt_length(self) -> int:
@@ -101,6 +127,14 @@ def _problem(task: str, rng: np.random.Generator, c: SyntheticTaskConfig
             return f"shift:{s}=", _shift(s), ()
         answers = (s, _shift(s)) if rng.integers(2) == 0 else (_shift(s), s)
         return f"any:{s}=", answers[0], answers[1:]
+    if task == "alternate":
+        x, y = rng.choice(list(LETTERS), 2, replace=False)
+        answers = [((x + y) * n)[:n], ((y + x) * n)[:n]]
+        first = int(rng.integers(2))
+        return f"alt:{x}{y}=", answers[first], (answers[1 - first],)
+    if task == "permute":
+        s = "".join(rng.permutation(list(PERMUTE_ALPHABET))[:n])
+        return f"perm:{s}=", "".join(rng.permutation(list(s))), ()
     if task == "reverse":
         s = "".join(chr(97 + i) for i in rng.integers(0, 16, n))
         return f"rev:{s}=", s[::-1], ()
@@ -191,10 +225,20 @@ def held_out_examples(n: int, config: SyntheticTaskConfig | None = None,
     return [make_example(config, "validation", seed, i) for i in range(n)]
 
 
+def accuracy_kind(tasks: tuple[str, ...]) -> str:
+    """How `is_correct` scores these tasks: "valid" when any has many answers, else
+    "exact match"."""
+    return "valid" if any(t in MANY_ANSWERS for t in tasks) else "exact match"
+
+
 def is_correct(example: Example, generated: list[int]) -> bool:
-    """Exact match: the generated ids up to the first EOS equal the answer (or another
-    correct one)."""
+    """The generated ids up to the first EOS are a correct answer: for `permute`, valid (the
+    same letters as the prompt's, each once, in any order); otherwise an exact match of the
+    answer (or of another listed correct one)."""
     out = list(generated)
     if EOS in out:
         out = out[:out.index(EOS)]
+    if example.task == "permute":
+        letters = example.prompt[1 + len("perm:"):-1]   # BOS "perm:" s "="
+        return sorted(out) == sorted(letters)
     return out == example.answer or tuple(out) in example.others
