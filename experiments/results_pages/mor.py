@@ -101,15 +101,14 @@ def write(rows, out: str, *, machine: str, steps: int, seed: int, eval_batches: 
     lines += ["", f"![loss and validation bits per byte]({plot})", "", "## Verdicts", "",
               f"One seed per run; gaps under {NOISE_BPB} bits per byte are read as noise.", ""]
     mors = [by[n] for n in ("mor_r3", "mor_r2") if n in by]
+    best = min(mors, key=lambda r: r["val_bpb_topk"]) if mors else None
     if mors and "recursive" in by:
-        best = min(mors, key=lambda r: r["val_bpb_topk"])
         gap = by["recursive"]["val_bpb_topk"] - best["val_bpb_topk"]
         lines.append(f"- **MoR beats the Recursive Transformer at equal FLOPs** (paper: at every"
                      f" scale): {_verdict(gap)}. Best MoR ({LABELS[best['run']]}) "
                      f"{best['val_bpb_topk']:.4f} vs Recursive "
                      f"{by['recursive']['val_bpb_topk']:.4f} bpb (gap {gap:+.4f}).")
     if mors and "vanilla" in by:
-        best = min(mors, key=lambda r: r["val_bpb_topk"])
         gap = by["vanilla"]["val_bpb_topk"] - best["val_bpb_topk"]
         lines.append(f"- **MoR matches or beats vanilla at equal FLOPs with fewer parameters**"
                      f" (paper: from 360M up; at 135M vanilla wins): {_verdict(gap)}. Best MoR"
