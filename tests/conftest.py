@@ -4,6 +4,12 @@ import os
 import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is dominated by compiling many small programs, not by running them: XLA:CPU's
+# backend at -O0 compiles them about a quarter faster (numerics are the same ops; every
+# tolerance stays as written). Subprocesses the tests start inherit it.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 

