@@ -14,8 +14,15 @@ decide per token how many recursions it takes:
                    positions and a causal mask among them: compute follows the capacities.
                    routing="threshold" is the causal inference rule (continue iff
                    sigmoid(s_r) >= 0.5, hierarchically), computed over all tokens with masks.
+                   Capacity warmup (capacity_warmup_steps) decays the capacities from 1 by a
+                   cosine over the first training forwards, counted in a TrainingState; the
+                   warm forward gathers at the static size of the whole sequence and masks
+                   the tokens past the current capacity (a lax.cond picks it, so the step
+                   after warmup runs at the target capacities' size).
   router="token"   token-choice: depth i from one router on H^1; h runs recursions 1..i
                    unweighted and the output is H^1 + g_i * h (computed with masks).
+                   Balancing by a loss or loss-free (a TrainingState bias the training
+                   forward moves; models/mor_routing.py).
   router="none"    the Recursive Transformer: every token takes every recursion.
 
 KV strategies: "recursion" (recursion-wise caching: recursion r attends only among the tokens
@@ -42,7 +49,7 @@ from models import mor_cache, mor_decode
 from models.core.attention import masked_attention
 from models.core.embedding import Embedding
 from models.core.norms import RMSNorm
-from models.core.params import param
+from models.core.params import TrainingState, param
 from models.core.protocol import ModelOutput
 from models.mor_config import MoRConfig
 from models.mor_routing import (ExpertRouters, TokenRouter, bce_with_logits, selection_targets,
@@ -67,6 +74,10 @@ class MoR(nnx.Module):
                              f"decode_attention={config.decode_attention!r}")
         c = self.config = config
         self.vocab_size = c.vocab_size
+        # Training mode: the forward updates its TrainingState (model.eval() turns it off).
+        self.deterministic = False
+        if c.capacity_warmup_steps:
+            self.forwards = TrainingState(jnp.zeros((), jnp.int32))
         self.embed = Embedding(c.vocab_size, c.d_model, dtype=c.compute_dtype, rngs=rngs)
         n_unique = 1 + max(max(group) for group in c.schedule)
         # Weights are tied by reference: recursion r's layer j is self.shared[schedule[r][j]].
@@ -79,7 +90,8 @@ class MoR(nnx.Module):
                                         rngs=rngs)
         elif c.router == "token":
             self.router = TokenRouter(c.d_model, c.num_recursions,
-                                      stddev=c.router_init_stddev, rngs=rngs)
+                                      stddev=c.router_init_stddev,
+                                      loss_free=c.balancing == "loss_free", rngs=rngs)
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
         if not c.tie_embeddings:
             self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"))
@@ -106,7 +118,9 @@ class MoR(nnx.Module):
         x = self.embed(tokens)
         if c.has_ends:
             x = self.first(x, positions, segment_ids)
-        if c.router == "expert" and routing == "topk":
+        if c.router == "expert" and routing == "topk" and c.capacity_warmup_steps:
+            x, aux, metrics = self._expert_topk_warm(x, positions, seg, weights)
+        elif c.router == "expert" and routing == "topk":
             x, aux, metrics = self._expert_topk(x, positions, seg, weights)
         else:
             x, aux, metrics = self._masked(x, positions, seg, weights)
@@ -138,22 +152,33 @@ class MoR(nnx.Module):
             x = apply_block(self.shared[u], x, positions, attend)
         return x, computed
 
-    def _expert_topk(self, x, positions, seg, weights):
-        """Expert-choice training: hierarchical top-k, blocks on the gathered tokens only."""
+    def _expert_topk(self, x, positions, seg, weights, capacities=None):
+        """Expert-choice training: hierarchical top-k, blocks on the gathered tokens only.
+
+        capacities: traced [N_r] during capacity warmup. Every recursion then gathers all T
+        tokens (a static size) and only the floor(capacities[r] T) highest-scoring of those
+        the previous recursion kept are valid: the others are computed but neither update
+        the stream, nor are attended to, nor count as selected."""
         c = self.config
         b, t, _ = x.shape
         rows = jnp.arange(b)[:, None]
         idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # previous selection
+        kept = jnp.ones((b, t), bool)                                     # ... its valid part
         order = idx
         share = c.kv_strategy == "share"
         depth = jnp.zeros((b, t), jnp.int32)
         bce, z, acc, store = [], [], [], None
         for r, cap in enumerate(c.resolved_capacities):
             s = self.router(r, _take(x, idx))                  # scores of the kept tokens
-            k = max(1, int(cap * t))
-            local, gate = top_k_in_order(c.resolved_alpha * jax.nn.sigmoid(s), k)
-            w = _take(weights, idx)
-            target = selection_targets(idx.shape[1], local)
+            probs = c.resolved_alpha * jax.nn.sigmoid(s)
+            if capacities is None:
+                local, gate, valid = top_k_in_order(probs, max(1, int(cap * t)))
+            else:
+                k_now = jnp.maximum(1, jnp.floor(capacities[r] * t + 1e-6)).astype(jnp.int32)
+                local, gate, valid = top_k_in_order(jnp.where(kept, probs, -1.0),
+                                                    idx.shape[1], k_now)
+            w = _take(weights, idx) * kept
+            target = selection_targets(idx.shape[1], local, valid)
             bce.append(bce_with_logits(s, target, w))
             z.append(jnp.sum(s * s * w) / jnp.maximum(jnp.sum(w), 1.0))
             acc.append(jnp.sum(((s >= 0) == (target > 0)) * w) / jnp.maximum(jnp.sum(w), 1.0))
@@ -167,15 +192,36 @@ class MoR(nnx.Module):
                 y = _take(y, sel)
             else:
                 y, _ = self._layers(r, _take(x, sel), _take(positions, sel), sel,
-                                    _take(seg, sel), jnp.ones(sel.shape, bool), store)
+                                    _take(seg, sel), valid, store)
+            gate = jnp.where(valid, gate, 0.0)
             x = x.at[rows, sel].add(gate[..., None].astype(x.dtype) * y)
-            depth = depth.at[rows, sel].add(1)
-            idx = sel
+            depth = depth.at[rows, sel].add(valid.astype(jnp.int32))
+            idx, kept = sel, valid
         metrics = {"router_bce": jnp.stack(bce), "router_z_loss": jnp.stack(z),
                    "router_accuracy": jnp.stack(acc), "dead_token_ratio": dead,
                    "depth_histogram": self._histogram(depth, weights)}
         aux = c.bce_coef * sum(bce) + c.z_loss_coef * sum(z)
         return x, aux, metrics
+
+    def warmup_capacities(self, forwards: jax.Array) -> jax.Array:
+        """Capacities [N_r] after `forwards` training forwards: cosine from 1 to the targets
+        over capacity_warmup_steps, then the targets."""
+        c = self.config
+        target = jnp.asarray(c.resolved_capacities, jnp.float32)
+        done = jnp.minimum(forwards / c.capacity_warmup_steps, 1.0)
+        return target + (1.0 - target) * 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+
+    def _expert_topk_warm(self, x, positions, seg, weights):
+        """_expert_topk under capacity warmup; advances the forward count in training mode."""
+        forwards = self.forwards[...]
+        capacities = self.warmup_capacities(forwards)
+        x, aux, metrics = jax.lax.cond(
+            forwards < self.config.capacity_warmup_steps,
+            lambda: self._expert_topk(x, positions, seg, weights, capacities),
+            lambda: self._expert_topk(x, positions, seg, weights))
+        if not self.deterministic:
+            self.forwards[...] = forwards + 1
+        return x, aux, {**metrics, "capacity": capacities}
 
     def _masked(self, x, positions, seg, weights):
         """Causal routing (expert threshold, token-choice, none) over all tokens with masks."""
@@ -188,8 +234,14 @@ class MoR(nnx.Module):
         if c.router == "token":
             logits, choice, gate = self.router(x, c.resolved_alpha)
             balance, z = token_choice_losses(logits, choice, weights)
-            aux = c.balance_coef * balance + c.z_loss_coef * z
-            metrics = {"balance_loss": balance, "router_z_loss": z}
+            if c.balancing == "loss":
+                aux = c.balance_coef * balance + c.z_loss_coef * z
+            else:
+                aux = c.z_loss_coef * z
+                metrics["router_bias"] = self.router.bias[...]
+                if not self.deterministic:
+                    self.router.update_bias(choice, weights, c.bias_update_rate)
+            metrics.update(balance_loss=balance, router_z_loss=z)
         h, active, depth, store = x, every, jnp.zeros((b, t), jnp.int32), None
         for r in range(c.num_recursions):
             if c.router == "expert":

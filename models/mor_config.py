@@ -24,6 +24,7 @@ SHARINGS = ("middle_cycle", "cycle", "sequence", "middle_sequence")
 ROUTERS = ("expert", "token", "none")     # none: the plain Recursive Transformer
 KV_STRATEGIES = ("recursion", "share")    # recursion-wise caching, recursive KV sharing
 ROUTING_MODES = ("topk", "threshold")     # __call__: expert-choice top-k, or causal sigma>=0.5
+BALANCING = ("loss", "loss_free")         # token-choice: Switch balancing loss, or a bias
 
 
 @gin.configurable
@@ -36,7 +37,12 @@ class MoRConfig(TransformerConfig):
     router_alpha: gate scale (default 0.1 for expert-choice's sigmoid, 1.0 for token-choice's
       softmax). bce_coef: the auxiliary BCE that makes sigma(s) >= 0.5 a usable inference rule.
     z_loss_coef: router z-loss (off by default; 1e-5 is the token-choice setting).
-    balance_coef: token-choice Switch-style balancing loss.
+    balance_coef: token-choice Switch-style balancing loss (balancing="loss").
+    balancing: token-choice balancing, "loss" or "loss_free" (a selection bias moved by
+      bias_update_rate * sign(mean load - load) after every training forward).
+    capacity_warmup_steps: expert-choice capacity warmup (the official cap_warmup_step; 0 =
+      off): capacities decay by a cosine from 1 to `capacities` over this many training
+      forward passes (micro-batches when the trainer accumulates gradients).
     routing: what __call__ does for expert-choice: "topk" (training, non-causal) or
       "threshold" (causal, what extend does at inference).
     decode_capacity: per-recursion fraction of the batch rows a one-token decode step gathers
@@ -54,6 +60,9 @@ class MoRConfig(TransformerConfig):
     bce_coef: float = 1e-3
     z_loss_coef: float = 0.0
     balance_coef: float = 0.1
+    balancing: str = "loss"
+    bias_update_rate: float = 1e-3
+    capacity_warmup_steps: int = 0
     routing: str = "topk"
     decode_capacity: tuple[float, ...] | None = None
 
@@ -62,7 +71,8 @@ class MoRConfig(TransformerConfig):
         for name, value, valid in (("sharing", self.sharing, SHARINGS),
                                    ("router", self.router, ROUTERS),
                                    ("kv_strategy", self.kv_strategy, KV_STRATEGIES),
-                                   ("routing", self.routing, ROUTING_MODES)):
+                                   ("routing", self.routing, ROUTING_MODES),
+                                   ("balancing", self.balancing, BALANCING)):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {valid}")
         if self.num_recursions < 1:
@@ -76,6 +86,17 @@ class MoRConfig(TransformerConfig):
         _check_fractions("decode_capacity", self.resolved_decode_capacity, self.num_recursions)
         if self.router_temp <= 0:
             raise ValueError(f"router_temp={self.router_temp} must be positive")
+        if self.capacity_warmup_steps < 0:
+            raise ValueError(f"capacity_warmup_steps={self.capacity_warmup_steps} must be >= 0 "
+                             "(0 = no warmup)")
+        if self.capacity_warmup_steps and self.router != "expert":
+            raise ValueError(f"capacity_warmup_steps={self.capacity_warmup_steps} needs "
+                             f"router='expert', got router={self.router!r}")
+        if self.balancing == "loss_free" and self.router != "token":
+            raise ValueError(f"balancing='loss_free' needs router='token', got "
+                             f"router={self.router!r}")
+        if self.bias_update_rate <= 0:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} must be positive")
 
     @property
     def resolved_capacities(self) -> tuple[float, ...]:

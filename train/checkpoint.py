@@ -146,6 +146,7 @@ class Restored:
     opt_state: Any | None
     data_state: Any | None
     metadata: dict[str, Any]
+    model_state: Any = None      # the model's TrainingState variables (empty State if none)
 
 
 class Checkpointer:
@@ -210,8 +211,9 @@ class Checkpointer:
                         self.workdir, diff)
 
     def restore(self, abstract_params: Any, abstract_opt_state: Any | None = None, *,
-                step: int | None = None, with_data: bool = False,
-                quarantine_corrupt: bool = False) -> Restored | None:
+                abstract_model_state: Any | None = None, step: int | None = None,
+                with_data: bool = False, quarantine_corrupt: bool = False
+                ) -> Restored | None:
         """Restores onto the shardings of the abstract targets (ShapeDtypeStructs).
 
         step=None: the newest step that reads back intact, falling back past corrupt ones with
@@ -228,7 +230,7 @@ class Checkpointer:
         for candidate in candidates:
             try:
                 restored = self._restore_step(candidate, abstract_params, abstract_opt_state,
-                                              with_data)
+                                              abstract_model_state, with_data)
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any other read failure: a corrupt step
@@ -250,10 +252,14 @@ class Checkpointer:
                              f"{corrupt}); see the warnings above for what failed")
         return None
 
-    def _restore_step(self, step, abstract_params, abstract_opt_state, with_data) -> Restored:
+    def _restore_step(self, step, abstract_params, abstract_opt_state, abstract_model_state,
+                      with_data) -> Restored:
         items = {"params": ocp.args.StandardRestore(abstract_params)}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        has_model_state = bool(jax.tree.leaves(abstract_model_state))
+        if has_model_state:
+            items["model_state"] = ocp.args.StandardRestore(abstract_model_state)
         if with_data:
             items["data"] = ocp.args.JsonRestore()
         meta = self.read_metadata(step)
@@ -273,7 +279,8 @@ class Checkpointer:
         data = out.get("data") if with_data else None
         return Restored(step=step, params=out.params, opt_state=opt_state,
                         data_state=None if data is None else _decode_data_state(data),
-                        metadata=meta)
+                        metadata=meta, model_state=(out.get("model_state") if has_model_state
+                                                    else abstract_model_state))
 
     def _quarantine(self, steps: Sequence[int]) -> None:
         target_root = os.path.join(self.workdir, CORRUPT_SUBDIR)
@@ -288,8 +295,10 @@ class Checkpointer:
 
     # -- writing ---------------------------------------------------------------------------
     def save(self, step: int, params: Any, opt_state: Any, data_state: Any, *,
-             model_name: str, model_config: Any, extra: dict[str, Any] | None = None) -> None:
-        """Starts saving `step` (asynchronously where enabled); keeps the newest max_to_keep."""
+             model_name: str, model_config: Any, model_state: Any = None,
+             extra: dict[str, Any] | None = None) -> None:
+        """Starts saving `step` (asynchronously where enabled); keeps the newest max_to_keep.
+        model_state: the model's non-parameter TrainingState, saved when it has any leaves."""
         meta = {
             "step": step,
             "model_name": model_name,
@@ -305,6 +314,8 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(_jsonable(meta))}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(_encode_data_state(data_state))
+        if jax.tree.leaves(model_state):
+            items["model_state"] = ocp.args.StandardSave(model_state)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
@@ -341,14 +352,13 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None, *,
                                      abstract_params)
         else:
             shardings = sharding_lib.param_shardings(abstract_params, mesh, rules)
+        replicated = jax.tree.map(
+            lambda _: NamedSharding(mesh, PartitionSpec()), rest)
         restored = ckpt.restore(
-            sharding_lib.abstract_with_shardings(abstract_params, shardings), step=step)
-        if jax.tree.leaves(rest):
-            # Non-parameter state (RNG streams, counters) needs real values: build, then load.
-            model = registry.build(model_name, model_config)
-            nnx.update(model, restored.params)
-        else:
-            model = nnx.merge(graphdef, restored.params)
+            sharding_lib.abstract_with_shardings(abstract_params, shardings), step=step,
+            abstract_model_state=sharding_lib.abstract_with_shardings(rest, replicated))
+        model = nnx.merge(graphdef, restored.params, restored.model_state)
+        model.eval()   # freezes TrainingState (router biases, counters) for inference
         return model, model_name, model_config
     finally:
         ckpt.close()

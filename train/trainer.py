@@ -7,6 +7,9 @@ so the result equals one step on the whole batch while only a micro-batch's acti
 alive at a time. The loss is the masked token cross-entropy summed over the batch divided by
 the batch's scored-token count (so micro-batches of unequal fill are weighted exactly), plus
 the model's aux_loss. Parameters stay f32; the model config's dtype picks the compute dtype.
+A model's non-trainable state (`models.core.params.TrainingState`: a loss-free router bias, a
+forward counter) rides in the TrainState beside the parameters: the forward may update it,
+the step carries the update (through the micro-batches in order) and checkpoints save it.
 
 `train()` is importable and flag-free so a notebook can call it; experiments/launch.py wraps it
 with gin and absl. It resumes from the workdir's newest intact checkpoint (parameters,
@@ -105,40 +108,48 @@ class TrainState:
     params: Any          # nnx.State of nnx.Param (f32)
     opt_state: Any       # optax state
     step: jax.Array      # int32 scalar: optimizer updates applied so far
+    model_state: Any     # nnx.State of the model's non-parameter variables (often empty)
 
 
 # ----------------------------------------------------------------------------- steps
 
 
-def _token_nll(graphdef, params, rest, batch, rng=None) -> tuple[jax.Array, jax.Array, Any]:
-    """(summed masked token NLL, aux_loss, model metrics) of one forward pass.
+def _token_nll(graphdef, params, rest, batch, rng=None
+               ) -> tuple[jax.Array, jax.Array, Any, Any]:
+    """(summed masked token NLL, aux_loss, model metrics, the model's non-parameter state after
+    the forward) of one forward pass.
 
     A model with its own objective (the masked diffusion LM's LLaDA loss) defines
     `training_loss(batch, rng) -> (summed loss, aux_loss, metrics)`; it is used instead of
     next-token cross-entropy and divided by the scored-token count like it."""
+    # Rebuilt leaf by leaf so its variables belong to this trace: the forward may update
+    # them (TrainingState), and nnx refuses to mutate a variable made under an outer trace
+    # (rest reaches us past jax.value_and_grad's differentiated argument untouched).
+    rest = jax.tree.map(lambda v: v, rest)
     model = nnx.merge(graphdef, params, rest)
     if hasattr(model, "training_loss"):
-        return model.training_loss(batch, jax.random.key(0) if rng is None else rng)
-    out = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                positions=batch["positions"])
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        out.logits.astype(jnp.float32), batch["targets"])
-    return jnp.sum(nll * batch["loss_mask"]), out.aux_loss, out.metrics
+        nll_sum, aux, metrics = model.training_loss(
+            batch, jax.random.key(0) if rng is None else rng)
+    else:
+        out = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                    positions=batch["positions"])
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            out.logits.astype(jnp.float32), batch["targets"])
+        nll_sum, aux, metrics = jnp.sum(nll * batch["loss_mask"]), out.aux_loss, out.metrics
+    return nll_sum, aux, metrics, nnx.split(model, nnx.Param, ...)[2]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optim.Schedule, grad_accum_steps: int = 1, *,
                     mesh: jax.sharding.Mesh | None = None, state_shardings: Any = None,
                     rules=sharding_lib.DEFAULT_RULES, donate: bool = True) -> Callable:
-    """jit(step(state, rest, batch) -> (state, metrics)); `state` is donated unless
-    donate=False.
+    """jit(step(state, batch) -> (state, metrics)); `state` is donated unless donate=False.
 
-    rest: the model's non-parameter state (passed through unchanged). With `state_shardings`
-    the new state is pinned to them so it never drifts between steps.
+    With `state_shardings` the new state is pinned to them so it never drifts between steps.
     """
     k = grad_accum_steps
 
-    def step_fn(state: TrainState, rest, batch):
+    def step_fn(state: TrainState, batch):
         rows = batch["inputs"].shape[0]
         if rows % k:
             raise ValueError(f"batch of {rows} rows does not split into "
@@ -147,13 +158,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         # Randomness of model-provided losses (diffusion masking), fresh at every step.
         rng = jax.random.fold_in(jax.random.key(0), state.step)
 
-        def loss_fn(params, micro):
-            nll_sum, aux, metrics = _token_nll(graphdef, params, rest, micro, rng)
-            return nll_sum / n_tokens + aux / k, (nll_sum, aux, metrics)
+        def loss_fn(params, rest, micro):
+            nll_sum, aux, metrics, rest = _token_nll(graphdef, params, rest, micro, rng)
+            return nll_sum / n_tokens + aux / k, (nll_sum, aux, metrics, rest)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if k == 1:
-            (_, (nll_sum, aux, model_metrics)), grads = grad_fn(state.params, batch)
+            (_, (nll_sum, aux, model_metrics, model_state)), grads = grad_fn(
+                state.params, state.model_state, batch)
         else:
             # Strided split (row i goes to micro-batch i % k) keeps each device's rows on that
             # device when the batch is sharded over rows.
@@ -164,19 +176,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 micro = jax.lax.with_sharding_constraint(
                     micro, sharding_lib.batch_sharding(mesh, rules, leading=1))
 
-            def body(acc, mb):
-                (_, out), g = grad_fn(state.params, mb)
-                return jax.tree.map(jnp.add, acc, g), out
+            def body(carry, mb):
+                acc, rest = carry
+                (_, (nll_sum, aux, metrics, rest)), g = grad_fn(state.params, rest, mb)
+                return (jax.tree.map(jnp.add, acc, g), rest), (nll_sum, aux, metrics)
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, (nll_sums, auxs, stacked) = jax.lax.scan(body, zeros, micro)
+            (grads, model_state), (nll_sums, auxs, stacked) = jax.lax.scan(
+                body, (zeros, state.model_state), micro)
             nll_sum, aux = jnp.sum(nll_sums), jnp.mean(auxs)
             model_metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), stacked)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+        new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
+                               model_state=model_state)
         if state_shardings is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
         lm_loss = nll_sum / n_tokens
@@ -195,7 +210,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     """jit(eval(params, rest, batch) -> (summed NLL in nats, scored tokens))."""
     def eval_fn(params, rest, batch):
-        nll_sum, _, _ = _token_nll(graphdef, params, rest, batch)
+        nll_sum, _, _, _ = _token_nll(graphdef, params, rest, batch)
         return nll_sum, jnp.sum(batch["loss_mask"])
     return jax.jit(eval_fn)
 
@@ -269,8 +284,9 @@ class _StopOnSignal:
 class _ModelPrograms:
     graphdef: nnx.GraphDef
     abstract_params: Any     # ShapeDtypeStructs carrying the parameter shardings
-    has_rest: bool           # whether the model has non-parameter state
+    abstract_rest: Any       # the model's non-parameter state (TrainingState), replicated
     param_shardings: Any
+    rest_shardings: Any
     init: Callable           # () -> (params, rest), sharded
     eval_step: Callable
 
@@ -293,6 +309,8 @@ def _model_programs(model_name: str, model_config: Any, seed: int, mesh: jax.sha
     abstract = nnx.eval_shape(lambda: ctor(model_config, rngs=nnx.Rngs(seed)))
     graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     param_sh = sharding_lib.param_shardings(abstract_params, mesh, rules)
+    # Non-parameter state is small (router biases, counters): every device holds all of it.
+    rest_sh = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), abstract_rest)
 
     def init():
         _, params, rest = nnx.split(ctor(model_config, rngs=nnx.Rngs(seed)), nnx.Param, ...)
@@ -301,8 +319,9 @@ def _model_programs(model_name: str, model_config: Any, seed: int, mesh: jax.sha
     return _ModelPrograms(
         graphdef=graphdef,
         abstract_params=sharding_lib.abstract_with_shardings(abstract_params, param_sh),
-        has_rest=bool(jax.tree.leaves(abstract_rest)), param_shardings=param_sh,
-        init=jax.jit(init, out_shardings=(param_sh, NamedSharding(mesh, PartitionSpec()))),
+        abstract_rest=sharding_lib.abstract_with_shardings(abstract_rest, rest_sh),
+        param_shardings=param_sh, rest_shardings=rest_sh,
+        init=jax.jit(init, out_shardings=(param_sh, rest_sh)),
         eval_step=make_eval_step(graphdef))
 
 
@@ -314,7 +333,8 @@ def _train_programs(model: _ModelPrograms, c: TrainConfig, mesh: jax.sharding.Me
     opt_sh = sharding_lib.optimizer_shardings(tx, abstract_opt_state, model.param_shardings,
                                               mesh)
     state_sh = TrainState(params=model.param_shardings, opt_state=opt_sh,
-                          step=NamedSharding(mesh, PartitionSpec()))
+                          step=NamedSharding(mesh, PartitionSpec()),
+                          model_state=model.rest_shardings)
     return _TrainPrograms(
         tx=tx, state_shardings=state_sh,
         abstract_opt_state=sharding_lib.abstract_with_shardings(abstract_opt_state, opt_sh),
@@ -346,16 +366,16 @@ def _resolve_model_config(model_name: str, model_config: Any) -> Any:
 
 def init_train_state(model_name: str, model_config: Any, train_config: TrainConfig, *,
                      mesh_config: sharding_lib.MeshConfig | None = None
-                     ) -> tuple[nnx.GraphDef, TrainState, nnx.State]:
-    """(graphdef, a fresh sharded TrainState, the model's non-parameter state) for stepping a
-    model by hand with make_train_step, e.g. in a notebook."""
+                     ) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, a fresh sharded TrainState) for stepping a model by hand with
+    make_train_step, e.g. in a notebook."""
     model_config = _resolve_model_config(model_name, model_config)
     _, model, prog = _programs(model_name, model_config, train_config,
                                mesh_config or sharding_lib.MeshConfig())
     params, rest = model.init()
     step = jax.device_put(jnp.zeros((), jnp.int32), prog.state_shardings.step)
     return model.graphdef, TrainState(params=params, opt_state=prog.init_opt(params),
-                                      step=step), rest
+                                      step=step, model_state=rest)
 
 
 def train(model_name: str, model_config: Any, train_config: TrainConfig,
@@ -396,19 +416,19 @@ def train(model_name: str, model_config: Any, train_config: TrainConfig,
         # Refuse a foreign workdir before computing or writing anything.
         ckpt.check_compatible(model_name, model_config, model.abstract_params)
         restored = ckpt.restore(model.abstract_params, prog.abstract_opt_state,
+                                abstract_model_state=model.abstract_rest,
                                 with_data=True, quarantine_corrupt=True)
-        rest = nnx.State({})
-        if restored is None or model.has_rest:
-            params, rest = model.init()
         if restored is None:
+            params, rest = model.init()
             start_step, opt_state = 0, prog.init_opt(params)
         else:
             start_step, params, opt_state = restored.step, restored.params, restored.opt_state
+            rest = restored.model_state
             if restored.data_state is not None:
                 train_iter.set_state(restored.data_state)
             log.info("resumed %s from step %d", workdir, start_step)
         state = TrainState(params=params, opt_state=opt_state, step=jax.device_put(
-            jnp.asarray(start_step, jnp.int32), prog.state_shardings.step))
+            jnp.asarray(start_step, jnp.int32), prog.state_shardings.step), model_state=rest)
 
         logger = MetricsLogger(workdir, total_steps=c.steps, start_step=start_step,
                                progress=progress)
@@ -420,7 +440,7 @@ def train(model_name: str, model_config: Any, train_config: TrainConfig,
             if eval_iter_fn is None:
                 return
             evals[step] = evaluate(
-                model.eval_step, state.params, rest, eval_iter_fn(),
+                model.eval_step, state.params, state.model_state, eval_iter_fn(),
                 batch_sharding=sharding_lib.batch_sharding(mesh, mesh_config.rules),
                 bytes_fn=bytes_fn, max_batches=c.eval_batches)
             logger.log_eval(step, evals[step])
@@ -446,6 +466,7 @@ def train(model_name: str, model_config: Any, train_config: TrainConfig,
             nonlocal last_saved
             if step != last_saved:
                 ckpt.save(step, state.params, state.opt_state, train_iter.get_state(),
+                          model_state=state.model_state,
                           model_name=model_name, model_config=model_config,
                           extra={"train_config": dataclasses.asdict(c)})
                 last_saved = step
@@ -466,7 +487,7 @@ def train(model_name: str, model_config: Any, train_config: TrainConfig,
                 if batch_sh is None:
                     batch_sh = sharding_lib.batch_sharding(mesh, mesh_config.rules,
                                                            np.shape(batch["inputs"])[0])
-                state, metrics = prog.train_step(state, rest,
+                state, metrics = prog.train_step(state,
                                                  sharding_lib.shard_batch(batch, batch_sh))
                 step += 1
                 if pending is not None:

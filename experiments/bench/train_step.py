@@ -84,15 +84,15 @@ def measure_train_step(config: TransformerConfig, batch_size: int, seq_len: int,
                        steps: int) -> dict[str, float]:
     """Seconds per optimizer step (after compilation) and the model's parameter count."""
     train_config = trainer.TrainConfig(steps=1000, warmup_steps=10)
-    graphdef, state, rest = trainer.init_train_state("transformer", config, train_config)
+    graphdef, state = trainer.init_train_state("transformer", config, train_config)
     step = trainer.make_train_step(graphdef, train_config.optimizer(),
                                    train_config.schedule_fn())
     batch = {k: jnp.asarray(v) for k, v in _batch(batch_size, seq_len, config.vocab_size).items()}
-    state, metrics = step(state, rest, batch)   # compile
+    state, metrics = step(state, batch)   # compile
     jax.block_until_ready(metrics["loss"])
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, rest, batch)
+        state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / steps
     num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -4,6 +4,10 @@ Every weight in swiftlm carries logical axis names (`embed`, `mlp`, `heads`, `kv
 `head_dim`, `vocab`, ...). train/sharding.py maps those names onto a device mesh, so model code
 never mentions devices. Weights are stored in `param_dtype` (f32 master weights) and cast to the
 compute dtype where they are used.
+
+Non-trainable state that a model updates in its own training forward (a loss-free router bias,
+a forward-pass counter for a capacity schedule) is a `TrainingState` variable: the trainer
+carries it from step to step and checkpoints it, and neither gradients nor the optimizer see it.
 """
 from typing import Sequence
 
@@ -42,3 +46,9 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
     # eager_sharding=False: the names are metadata only; train/sharding.py decides where each
     # array lives, so the same model builds with or without a mesh.
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class TrainingState(nnx.Variable):
+    """Model state the training forward updates outside the gradient (see the module
+    docstring). Update it only from stop-gradient values, and only while the module is in
+    training mode (`deterministic` False); `model.eval()` freezes it for inference."""

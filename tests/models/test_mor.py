@@ -28,6 +28,7 @@ VARIANTS = {"expert_recursion": {}, "expert_share": {"kv_strategy": "share"},
 B, T, S, MAX_LENGTH = 3, 12, 4, 32
 
 _forward = nnx.jit(lambda m, t: m(t, routing="threshold").logits)
+_topk_forward = nnx.jit(lambda m, t: m(t))      # the training forward
 _extend_n = nnx.jit(lambda m, t, cache, n: m.extend(t, cache, num_tokens=n))
 _rewind = nnx.jit(lambda m, cache, lengths: m.rewind(cache, lengths))
 
@@ -156,7 +157,7 @@ def test_depth_wise_batching_gathers_active_rows_and_overflow_exits_early(expert
 
 def test_topk_training_forward_equals_a_masked_reference(expert, tokens):
     model = expert[0]
-    out = nnx.jit(lambda m, t: m(t))(model, tokens)
+    out = _topk_forward(model, tokens)
     c = model.config
 
     def reference(m, t):
@@ -167,7 +168,7 @@ def test_topk_training_forward_equals_a_masked_reference(expert, tokens):
         for r, cap in enumerate(c.resolved_capacities):
             s = m.router(r, x)
             probs = jnp.where(kept, c.resolved_alpha * jax.nn.sigmoid(s), -1.0)
-            idx, _ = top_k_in_order(probs, max(1, int(cap * T)))
+            idx, _, _ = top_k_in_order(probs, max(1, int(cap * T)))
             kept = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], idx].set(True)
             y, _ = m._layers(r, x, pos, pos, jnp.ones((B, T), jnp.int32), kept, None)
             gate = c.resolved_alpha * jax.nn.sigmoid(s)
@@ -190,6 +191,49 @@ def test_speculative_greedy_with_an_mor_target_equals_its_greedy(expert):
     assert spec.stats["target_calls"] > 0     # rejected drafts are rewound every round
 
 
+def test_capacity_warmup_decays_to_the_gathered_forward(expert, tokens):
+    model = expert[0]
+    warm = _build(capacity_warmup_steps=100)     # the same weights as `expert`
+    np.testing.assert_allclose(warm.warmup_capacities(jnp.asarray(0)), [1, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(warm.warmup_capacities(jnp.asarray(50)), [1, 5 / 6, 2 / 3],
+                               atol=1e-6)      # halfway down the cosine
+    target = model.config.resolved_capacities
+    np.testing.assert_allclose(warm.warmup_capacities(jnp.asarray(100)), target, atol=1e-6)
+    # Capacity 1 at the first training forward: every token takes every recursion.
+    first = _topk_forward(warm, tokens)
+    np.testing.assert_allclose(first.metrics["depth_histogram"], [0, 0, 0, 1])
+    assert int(warm.forwards[...]) == 1
+    # The last warm forward (99 of 100) keeps floor(c_r T) = 12, 8, 4 tokens like the target
+    # capacities, so its masked path (all T gathered, the surplus masked) must equal the
+    # gathered forward; the next forward takes the gathered branch itself.
+    gathered = _topk_forward(model, tokens)
+    for count in (99, 100):
+        warm.forwards[...] = jnp.asarray(count, jnp.int32)
+        out = _topk_forward(warm, tokens)
+        _close(out.logits, gathered.logits)
+        _close(out.aux_loss, gathered.aux_loss)
+        assert int(warm.forwards[...]) == count + 1
+
+
+def test_loss_free_bias_moves_in_training_and_is_checkpointed(tmp_path):
+    from tests.train import sharding_worker as train_helpers
+    from train import checkpoint, trainer
+
+    # One shared block applied 3 times (cycle): the cheapest MoR to compile a train step for.
+    config = dataclasses.replace(CONFIG, vocab_size=61, sharing="cycle", n_layers=3,
+                                 router="token", balancing="loss_free", bias_update_rate=0.01)
+    summary = trainer.train("mor", config, train_helpers.train_config(steps=3),
+                            train_helpers.batches(), None, tmp_path, progress=False)
+    assert summary["step"] == 3
+    model, _, _ = checkpoint.restore_model(tmp_path)
+    bias = np.asarray(model.router.bias[...])
+    # Three sign steps of +-0.01 per depth from 0, carried from step to step: odd multiples of
+    # 0.01 (no batch here splits its tokens exactly evenly over the 3 depths).
+    np.testing.assert_allclose(np.abs(bias) / 0.01 % 2, 1.0, atol=1e-4)
+    assert np.abs(bias).max() <= 0.03 + 1e-6
+    assert model.deterministic      # restored for inference: the forward leaves it alone
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"sharing": "zigzag"}, r"unknown sharing 'zigzag'; valid: \('middle_cycle'"),
     ({"router": "random"}, r"unknown router 'random'; valid: \('expert', 'token', 'none'\)"),
@@ -203,6 +247,10 @@ def test_speculative_greedy_with_an_mor_target_equals_its_greedy(expert):
     ({"capacities": (0.5, 1.0, 0.5)}, "must be non-increasing"),
     ({"capacities": (1.0, 0.5)}, "one value per recursion"),
     ({"decode_capacity": (1.0, 1.0, 0.0)}, r"decode_capacity=.*got 0.0"),
+    ({"balancing": "aux"}, r"unknown balancing 'aux'; valid: \('loss', 'loss_free'\)"),
+    ({"balancing": "loss_free"}, "balancing='loss_free' needs router='token'"),
+    ({"capacity_warmup_steps": -1}, "capacity_warmup_steps=-1 must be >= 0"),
+    ({"router": "token", "capacity_warmup_steps": 5}, "needs router='expert'"),
 ])
 def test_bad_config_is_named(overrides, match):
     with pytest.raises(ValueError, match=match):
