@@ -94,17 +94,23 @@ def run(workdir: str | None = None, pretrained: str | None = None, *, num_rows: 
 
 def decoding_model(model, decode_attention: str = "dense", calibration: str | None = None, *,
                    workdir: str | None = None, pretrained: str | None = None,
-                   token_sparsity: float | None = None, dense_layers: int | None = None):
+                   token_sparsity: float | None = None, dense_layers: int | None = None,
+                   selection: str | None = None, label_channels: int | None = None,
+                   label_bits: int | None = None):
     """`model` set up for `decode_attention` (experiments.generate --decode_attention): itself
     for "dense"; for "double_sparse" a double-sparse copy with the channels of `calibration`
     (a file or a workdir), by default the file this CLI writes for `workdir` or the packaged
-    model `pretrained`. token_sparsity / dense_layers: ds_token_sparsity / ds_dense_layers
-    (default: the config's, 1/16 and 2). A missing or foreign calibration is a ValueError
-    saying what to run."""
+    model `pretrained`. token_sparsity / dense_layers / selection / label_channels /
+    label_bits: the config's ds_* fields (None keeps the config's default: 1/16, 2 dense
+    layers, "kv_group", r = D/16, 16-bit labels). A missing or foreign calibration is a
+    ValueError saying what to run."""
     from models.core import double_sparse
     double_sparse.check_decode_attention(decode_attention)
     settings = {k: v for k, v in (("ds_token_sparsity", token_sparsity),
-                                  ("ds_dense_layers", dense_layers)) if v is not None}
+                                  ("ds_dense_layers", dense_layers),
+                                  ("ds_selection", selection),
+                                  ("ds_label_channels", label_channels),
+                                  ("ds_label_bits", label_bits)) if v is not None}
     if decode_attention == "dense":
         given = {**settings, **({"ds_calibration": calibration} if calibration else {})}
         if given:

@@ -8,7 +8,8 @@ or from a real pretrained model with its own tokenizer and chat template.
         [--temperature=0.8 --top_k=40 --top_p=0.95] [--gamma=4] \
         [--gin_bindings='FlyConfig.window = 4'] [--seed=0] [--step=N] \
         [--decode_attention=double_sparse [--ds_calibration=FILE] [--ds_token_sparsity=0.125]
-         [--ds_dense_layers=2]]
+         [--ds_dense_layers=2] [--ds_selection=query_head] [--ds_label_channels=16]
+         [--ds_label_bits=4]]
     python -m experiments.generate --model=smollm2 --chat --prompt='Reverse a list in Python.'
     python -m experiments.generate --gguf=FILE.gguf | --hf_dir=DIR  [--chat] [--dtype=bfloat16]
 
@@ -59,6 +60,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "query attends (default 1/16).", flag_values=fv)
     flags.DEFINE_integer("ds_dense_layers", None, "First layers that decode densely (default "
                          "2, as DoubleSparse).", flag_values=fv)
+    flags.DEFINE_enum("ds_selection", None, ["kv_group", "query_head"], "Which heads share "
+                      "a double-sparse token set: each KV-head group (default) or each query "
+                      "head (DoubleSparse's own rule).", flag_values=fv)
+    flags.DEFINE_integer("ds_label_channels", None, "Label channels r per KV head (default "
+                         "head_dim / 16; the README's setting is 16 of 64).", flag_values=fv)
+    flags.DEFINE_integer("ds_label_bits", None, "Label precision: 16 (default), 8 or 4 bits.",
+                         flag_values=fv)
     flags.DEFINE_integer("chunk_steps", 16, "Loop steps between prints of the text so far.",
                          flag_values=fv)
     flags.DEFINE_bool("stream", True, "Print the text as it is produced.", flag_values=fv)
@@ -205,7 +213,8 @@ def decode_text(workdir: str | None, prompt: str, *, sampler: str = "greedy",
                 hf_dir: str | None = None, chat: bool = False, system: str | None = None,
                 dtype: str = "float32", decode_attention: str = "dense",
                 ds_calibration: str | None = None, ds_token_sparsity: float | None = None,
-                ds_dense_layers: int | None = None,
+                ds_dense_layers: int | None = None, ds_selection: str | None = None,
+                ds_label_channels: int | None = None, ds_label_bits: int | None = None,
                 draft_workdir: str | None = None, draft_gguf: str | None = None,
                 adapter_dir: str | None = None, max_new_tokens: int = 128,
                 temperature: float | None = None, top_k: int | None = None,
@@ -235,7 +244,9 @@ def decode_text(workdir: str | None, prompt: str, *, sampler: str = "greedy",
     target.model = decoding_model(target.model, decode_attention, ds_calibration,
                                   workdir=workdir, pretrained=model_name,
                                   token_sparsity=ds_token_sparsity,
-                                  dense_layers=ds_dense_layers)
+                                  dense_layers=ds_dense_layers, selection=ds_selection,
+                                  label_channels=ds_label_channels,
+                                  label_bits=ds_label_bits)
     ids = prompt_ids(target, prompt, chat=chat, system=system)
     draft = None
     if draft_workdir:
@@ -310,6 +321,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
             hf_dir=fv.hf_dir, chat=fv.chat, system=fv.system, dtype=fv.dtype,
             decode_attention=fv.decode_attention, ds_calibration=fv.ds_calibration,
             ds_token_sparsity=fv.ds_token_sparsity, ds_dense_layers=fv.ds_dense_layers,
+            ds_selection=fv.ds_selection, ds_label_channels=fv.ds_label_channels,
+            ds_label_bits=fv.ds_label_bits,
             draft_workdir=fv.draft_workdir, draft_gguf=fv.draft_gguf,
             adapter_dir=fv.adapter_dir, max_new_tokens=fv.max_new_tokens,
             temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, gamma=fv.gamma,

@@ -117,6 +117,8 @@ ABLATION = {
     "oracle": dict(ds_label_channels=64, ds_dense_layers=0),  # true q.k: selection alone
     "oracle_dense2": dict(ds_label_channels=64),
     "r16_4bit_dense2": dict(ds_label_channels=16, ds_label_bits=4),  # the README's setting
+    "r16_4bit_dense2_query_head": dict(ds_label_channels=16, ds_label_bits=4,
+                                       ds_selection="query_head"),
 }
 
 

@@ -210,6 +210,7 @@ def _investigation_lines(results) -> list[str]:
 
 
 _SETTINGS = {"r16_4bit_dense2": "1/8, r = D/4 4-bit labels (README setting)",
+             "r16_4bit_dense2_query_head": "1/8, r = D/4 4-bit labels, per query head",
              "oracle": "1/8, oracle selection, all layers sparse",
              "oracle_dense2": "1/8, oracle selection"}
 

@@ -253,3 +253,10 @@ def test_generate_cli_flag_attaches_the_calibration_or_names_it_missing(dense, t
     # r defaults to head_dim // 16 = 1: the workdir file's best channel per kv head.
     assert model.blocks[1].attn.ds_channels == tuple(map(tuple, ranking[1, :, :1]))
     assert calib.decoding_model(dense, "dense") is dense
+    # The README's setting through the same flags: per query head, r = 4 of 16, 4-bit labels.
+    readme = calib.decoding_model(dense, "double_sparse", workdir=str(tmp_path), dense_layers=1,
+                                  selection="query_head", label_channels=4, label_bits=4)
+    assert (readme.config.ds_selection, readme.config.ds_label_bits) == ("query_head", 4)
+    assert readme.blocks[1].attn.ds_channels == tuple(map(tuple, ranking[1, :, :4]))
+    with pytest.raises(ValueError, match=r"\['ds_selection'\] apply only with"):
+        calib.decoding_model(dense, "dense", selection="query_head")
