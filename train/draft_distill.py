@@ -11,9 +11,8 @@ and keeps the draft's vocabulary geometry the target's. Teacher logits are compu
 fly inside the same jitted step (a target forward per batch; sequences are kept short).
 
 Data: the embedded corpus (train/data.py, tokenized with the target's own tokenizer) plus,
-every `chat_every`-th batch, chat-formatted rows (train/chat_template.py via the tokenizer's
-encode_chat) made from training-split functions, so the draft also sees the turn markers an
-instruct target answers after.
+every `chat_every`-th batch, chat-formatted rows (train/draft_data.py) made from
+training-split code, so the draft also sees the turn markers an instruct target answers after.
 
     draft, summary = distill(target, tokenizer, config, workdir=DIR)   # resumable in chunks
     evaluate(draft, target, batches) -> {"kl", "top1_agreement", "prob_acc"}
@@ -28,7 +27,6 @@ import dataclasses
 import functools
 import json
 import os
-import random
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -38,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from models.transformer import Transformer
-from train import checkpoint, optim
+from train import checkpoint, draft_data, optim
 
 Batch = dict[str, np.ndarray]
 SUMMARY_FILE = "draft.json"
@@ -128,72 +126,6 @@ def evaluate(draft: Transformer, target: Transformer, batches: Iterable[Batch]
             totals[k] = totals.get(k, 0.0) + float(v)
     tokens = max(totals.pop("tokens", 0.0), 1.0)
     return {k: round(v / tokens, 4) for k, v in totals.items()}
-
-
-# ----------------------------------------------------------------------------- data
-
-def _chat_docs(tokenizer, seed: int, limit: int) -> list[list[int]]:
-    from train import corpus
-
-    root = corpus.stdlib_root()
-    files = [p for p in corpus.list_stdlib_files(root) if corpus.split_of(p) == "train"
-             and "/test" not in f"/{p}"]
-    rng = random.Random(seed)
-    rng.shuffle(files)
-    docs: list[list[int]] = []
-    for path in files:
-        try:
-            text = corpus.read_source(root / path)
-        except (ValueError, UnicodeDecodeError):
-            continue
-        # Short chunks of a file stand in for "functions": what matters is the target's
-        # distribution after chat turn markers, not the exact unit of code.
-        lines = text.splitlines()
-        for start in range(0, max(len(lines) - 8, 1), 40):
-            code = "\n".join(lines[start:start + rng.randint(6, 16)]).strip("\n")
-            if len(code) < 80:
-                continue
-            ask = rng.choice(["Write this Python code again, unchanged:\n```python\n"
-                              f"{code}\n```",
-                              f"Continue this Python code:\n{code.split(chr(10))[0]}",
-                              "Explain what this Python code does:\n" + code])
-            messages = [{"role": "user", "content": ask},
-                        {"role": "assistant", "content": f"```python\n{code}\n```"}]
-            docs.append(tokenizer.encode_chat(messages, add_generation_prompt=False))
-            if len(docs) >= limit:
-                return docs
-    return docs
-
-
-def chat_batches(tokenizer, config: DraftTrainConfig) -> Iterator[Batch]:
-    """Endless batches (train/data.py's keys) of chat-formatted documents, one per row,
-    truncated or padded to seq_len."""
-    docs = _chat_docs(tokenizer, config.seed, limit=4096)
-    if not docs:
-        raise ValueError("no chat documents could be built from the corpus's training split")
-    rng = np.random.default_rng(config.seed)
-    L, pad = config.seq_len, tokenizer.pad_id or 0
-    while True:
-        rows = [docs[i] for i in rng.integers(0, len(docs), config.batch_size)]
-        inputs = np.full((config.batch_size, L), pad, np.int32)
-        mask = np.zeros((config.batch_size, L), np.int32)
-        for r, ids in enumerate(rows):
-            ids = ids[:L + 1]
-            inputs[r, :len(ids) - 1] = ids[:-1]
-            mask[r, :len(ids) - 1] = 1
-        positions = np.broadcast_to(np.arange(L, dtype=np.int32), (config.batch_size, L))
-        yield {"inputs": inputs, "segment_ids": mask.copy(), "positions": positions.copy(),
-               "loss_mask": mask}
-
-
-def mixed_batches(corpus_batches: Iterator[Batch], chat: Iterator[Batch] | None,
-                  chat_every: int) -> Iterator[Batch]:
-    """Corpus batches with every chat_every-th one replaced by a chat batch."""
-    for step in range(1, 1 << 62):
-        if chat is not None and chat_every and step % chat_every == 0:
-            yield next(chat)
-        else:
-            yield next(corpus_batches)
 
 
 # ----------------------------------------------------------------------------- training
@@ -337,10 +269,12 @@ def run(workdir: str | os.PathLike, config: DraftTrainConfig, target: Transforme
                or [0])
     corpus_iter = data_lib.make_iterator(dataclasses.replace(data_config,
                                                              seed=config.seed + done))
-    chat = (chat_batches(tokenizer, dataclasses.replace(config, seed=config.seed + done))
+    chat = (draft_data.chat_batches(tokenizer, seed=config.seed + done,
+                                    batch_size=config.batch_size, seq_len=config.seq_len)
             if config.chat_every else None)
-    draft, step = distill(target, mixed_batches(corpus_iter, chat, config.chat_every), config,
-                          workdir, max_new_steps=max_new_steps, log=log)
+    batches = draft_data.mixed_batches(corpus_iter, chat, config.chat_every)
+    draft, step = distill(target, batches, config, workdir, max_new_steps=max_new_steps,
+                          log=log)
     summary["steps_done"] = step
     if step >= config.steps:
         summary["after"] = evaluate(draft, target, held_out)

@@ -53,6 +53,7 @@ from decoding.generate import generate, prompt_bucket
 from decoding.sampling import SamplingConfig
 from decoding.speculative import NgramConfig, SelfSpecConfig
 from experiments import real_tasks
+from experiments.bench.hf_speculative import hf_side
 
 BENCH = "real_speculative"
 GOALS = {"speedup": 1.5, "verify_cost_ratio": 1.5, "accuracy_retained": 0.99}
@@ -150,49 +151,6 @@ def verify_cost(model) -> dict:
     one, five = ms(prompt[:, :1]), ms(jnp.tile(prompt[:, :1], (1, 5)))
     return {"one_token_ms": round(one, 2), "verify_ms": round(five, 2),
             "value": round(five / one, 3), "gamma": 4}
-
-
-def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats: int,
-            draft_gguf: str | None = None):
-    """HF transformers on the same f32 weights and prompts, batch 1 (its assisted generation
-    takes one sequence): greedy, prompt lookup (prompt_lookup_num_tokens=10, our n-gram
-    gamma) and LayerSkip-style `assistant_early_exit` (its self-speculation, without an
-    adapter). Yields (method, {seconds, tokens}), greedy first."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(os.cpu_count())
-    directory, name = os.path.split(gguf)
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
-                                              dtype=torch.float32).eval()
-    hf.generation_config.pad_token_id = 0
-    methods = {"greedy": {}, "ngram": {"prompt_lookup_num_tokens": 10},
-               f"self_spec_l{exit_layer}": {"assistant_early_exit": exit_layer}}
-    if draft_gguf:
-        directory, name = os.path.split(draft_gguf)
-        assistant = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
-                                                         dtype=torch.float32).eval()
-        assistant.generation_config.num_assistant_tokens = 4  # our gamma
-        assistant.generation_config.num_assistant_tokens_schedule = "constant"
-        methods["speculative_greedy"] = {"assistant_model": assistant}
-    with torch.inference_mode():
-        for method, extra in methods.items():
-            def call(prompts=prompts):
-                rows = []
-                for p in prompts:
-                    ids = torch.tensor([p], dtype=torch.long)
-                    o = hf.generate(ids, attention_mask=torch.ones_like(ids),
-                                    max_new_tokens=budget, do_sample=False,
-                                    eos_token_id=list(stop_ids), **extra)
-                    rows.append(o[0, len(p):].tolist())
-                return rows
-            call(prompts[:1])  # warm-up on one prompt: torch's first call allocates
-            best, tokens = float("inf"), None
-            for _ in range(repeats):
-                start = time.perf_counter()
-                tokens = call()
-                best = min(best, time.perf_counter() - start)
-            yield method, {"seconds": best, "tokens": tokens}
 
 
 def load_draft(draft_dir: str, target_gguf: str, log=print):
