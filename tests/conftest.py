@@ -1,5 +1,6 @@
-"""Shared pytest setup: CPU only, float32 matmuls at full precision, quiet Pallas warnings, and
-under xdist one jax compilation cache for the whole run."""
+"""Shared pytest setup: CPU only, float32 matmuls at full precision, XLA's backend at -O0, quiet
+Pallas warnings, and under xdist one jax compilation cache for the whole run and one torch
+thread per worker."""
 import os
 import warnings
 
@@ -31,6 +32,9 @@ def pytest_configure(config):
     before jax decides whether a cache is in use."""
     if not hasattr(config, "workerinput") or not config.option.basetemp:
         return
+    # Two workers share the two cores: torch (the HF reference models) at its default of one
+    # thread per core spins against the other worker; one thread each wastes none.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import pathlib
     path = pathlib.Path(config.option.basetemp).parent / "jax_compile_cache"
     path.mkdir(parents=True, exist_ok=True)
