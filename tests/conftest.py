@@ -39,6 +39,7 @@ def pytest_configure(config):
     path = pathlib.Path(config.option.basetemp).parent / "jax_compile_cache"
     path.mkdir(parents=True, exist_ok=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # subprocesses inherit it
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"   # ... and this
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
