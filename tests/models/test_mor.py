@@ -1,7 +1,9 @@
 """Mixture-of-Recursions (arXiv 2507.10524): causal decoding against the full forward pass in
 the same (threshold) routing mode for both routers, both KV strategies and the Recursive
 baseline; rewind; depth-wise batching and its overflow; the gathered top-k training forward
-against a masked reference; greedy speculative decoding with an MoR target; bad input."""
+against a masked reference; capacity warmup against the gathered forward; loss-free balancing
+through the trainer and a checkpoint; greedy speculative decoding with an MoR target; bad
+input."""
 import dataclasses
 
 import jax
