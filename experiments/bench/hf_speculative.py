@@ -7,13 +7,18 @@ from __future__ import annotations
 import os
 import time
 
+# Methods by our sampler names (self_spec = `assistant_early_exit`, speculative_greedy =
+# assisted generation with the draft).
+HF_METHODS = ("greedy", "ngram", "self_spec", "speculative_greedy")
+
 
 def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats: int,
-            draft_gguf: str | None = None):
+            draft_gguf: str | None = None, methods=None):
     """HF transformers on the same f32 weights and prompts, batch 1 (its assisted generation
     takes one sequence): greedy, prompt lookup (prompt_lookup_num_tokens=10, our n-gram
-    gamma) and LayerSkip-style `assistant_early_exit` (its self-speculation, without an
-    adapter). Yields (method, {seconds, tokens}), greedy first."""
+    gamma), LayerSkip-style `assistant_early_exit` (its self-speculation, without an
+    adapter) and, given draft_gguf, assisted generation with that draft; or the subset `methods` of HF_METHODS (greedy always runs: it is their
+    baseline). Yields (method, {seconds, tokens}), greedy first."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -22,9 +27,13 @@ def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats:
     hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
                                               dtype=torch.float32).eval()
     hf.generation_config.pad_token_id = 0
-    methods = {"greedy": {}, "ngram": {"prompt_lookup_num_tokens": 10},
-               f"self_spec_l{exit_layer}": {"assistant_early_exit": exit_layer}}
-    if draft_gguf:
+    wanted = set(methods or HF_METHODS) | {"greedy"}
+    methods = {"greedy": {}}
+    if "ngram" in wanted:
+        methods["ngram"] = {"prompt_lookup_num_tokens": 10}
+    if "self_spec" in wanted:
+        methods[f"self_spec_l{exit_layer}"] = {"assistant_early_exit": exit_layer}
+    if draft_gguf and "speculative_greedy" in wanted:
         directory, name = os.path.split(draft_gguf)
         assistant = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
                                                          dtype=torch.float32).eval()

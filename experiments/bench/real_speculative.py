@@ -45,25 +45,30 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from decoding.generate import generate, prompt_bucket
 from decoding.sampling import SamplingConfig
 from decoding.speculative import NgramConfig, SelfSpecConfig
 from experiments import real_tasks
-from experiments.bench.hf_speculative import hf_side
+from experiments.bench import verify_cost as verify_cost_bench
+from experiments.bench.hf_speculative import HF_METHODS, hf_side
 
 BENCH = "real_speculative"
 GOALS = {"speedup": 1.5, "verify_cost_ratio": 1.5, "accuracy_retained": 0.99}
 DEFAULT_DRAFT_DIR = os.path.join("workdirs", "smollm2_draft")
-VERIFY_PROMPT = 112
 
 
 def emit(line: dict, lines: list[dict]) -> None:
     lines.append(line)
     print(json.dumps(line), flush=True)
+
+
+def latest_speedups(lines: list[dict]) -> list[dict]:
+    """The measured speedup lines, one per case: a case measured again (a later run appended
+    to the same JSONL) counts as last measured."""
+    return list({x["case"]: x for x in lines
+                 if x["metric"] == "speedup" and x["value"] is not None}.values())
 
 
 def plot(lines: list[dict], path: str) -> None:
@@ -72,7 +77,7 @@ def plot(lines: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [x for x in lines if x["metric"] == "speedup" and x["value"] is not None]
+    points = latest_speedups(lines)
     fig, ax = plt.subplots(figsize=(6, 4))
     for x in points:
         marker = "o" if x["batch"] == 1 else "s"
@@ -123,34 +128,12 @@ def run_case(model, prompts, batch: int, budget: int, stop_ids, kwargs: dict,
 
 
 def verify_cost(model) -> dict:
-    """The verify_cost_ratio line's numbers on `model`'s real weights."""
-    graph, weights = nnx.split(model)
-
-    @jax.jit
-    def extend(weights, tokens, cache):
-        logits, cache = nnx.merge(graph, weights).extend(tokens, cache)
-        return jnp.argmax(logits, -1), cache.lengths  # every position's logits are used
-
-    prompt = jax.random.randint(jax.random.key(0), (1, VERIFY_PROMPT), 0,
-                                model.config.vocab_size)
-    cache = model.init_cache(1, 256)
-    _, cache = jax.jit(lambda w, t, c: nnx.merge(graph, w).extend(t, c))(weights, prompt,
-                                                                          cache)
-
-    def ms(tokens, reps=20):
-        jax.block_until_ready(extend(weights, tokens, cache))
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(reps):
-                out = extend(weights, tokens, cache)
-            jax.block_until_ready(out)
-            best = min(best, (time.perf_counter() - start) / reps)
-        return best * 1e3
-
-    one, five = ms(prompt[:, :1]), ms(jnp.tile(prompt[:, :1], (1, 5)))
-    return {"one_token_ms": round(one, 2), "verify_ms": round(five, 2),
-            "value": round(five / one, 3), "gamma": 4}
+    """The verify_cost_ratio line's numbers on `model`'s real weights
+    (experiments/bench/verify_cost.py's interleaved measurement, gamma 4)."""
+    row = verify_cost_bench.measure_model(model, [4], repeats=20, rounds=7)[0]
+    return {"one_token_ms": round(row["one_token_ms"], 2),
+            "verify_ms": round(row["verify_ms"], 2), "value": round(row["value"], 3),
+            "ratio_median": round(row["ratio_median"], 3), "rounds": row["rounds"], "gamma": 4}
 
 
 def load_draft(draft_dir: str, target_gguf: str, log=print):
@@ -232,7 +215,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", default=None, help="PNG path for the speedup plot")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                         help="also run HF transformers' methods (batch 1)")
+    parser.add_argument("--hf_methods", default=None,
+                        help="subset of HF's methods (" + ",".join(HF_METHODS) + "); its "
+                        "greedy always runs as their baseline")
+    parser.add_argument("--plot_from", default=None,
+                        help="only redraw --plot from this JSONL's speedup lines (the last "
+                        "line of each case wins) and exit")
     args = parser.parse_args(argv)
+    hf_methods = args.hf_methods.split(",") if args.hf_methods else None
+    bad = sorted(set(hf_methods or []) - set(HF_METHODS))
+    if bad:
+        parser.error(f"--hf_methods: unknown {bad}; valid: {list(HF_METHODS)}")
+    if args.plot_from:
+        if not args.plot:
+            parser.error("--plot_from needs --plot (the PNG to write)")
+        with open(args.plot_from) as f:
+            plot([json.loads(line) for line in f if line.strip()], args.plot)
+        return
     if args.quick:
         args.tasks, args.batches, args.n, args.exit_layers = "edit", "1", 4, "8"
     args.exit_layers = [int(x) for x in args.exit_layers.split(",")]
@@ -309,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.hf and 1 in batches:
             hf = {}
             for method, r in hf_side(pre.source, prompts, budget, tok.stop_ids,
-                                     args.exit_layers[0], args.repeats, draft_gguf):
+                                     args.exit_layers[0], args.repeats, draft_gguf,
+                                     methods=hf_methods):
                 hf[method] = r
                 mine = ours.get((kind, 1, method)) or ours.get((kind, 1, method + "_noadapter"))
                 line = {**common, "task": kind, "batch": 1, "prompts": len(prompts),
