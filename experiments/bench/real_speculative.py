@@ -35,6 +35,8 @@ a task are cut to one prompt bucket so no case compiles twice.
 
     python -m experiments.bench.real_speculative [--tasks edit,next_line] [--batches 1,4]
         [--n 8] [--exit_layers 8] [--adapter_dirs 8:DIR] [--draft_dir DIR] [--quick]
+        [--samplers ngram,fly] [--hf_methods greedy,speculative_greedy] [--jsonl F]
+    python -m experiments.bench.real_speculative --plot_from F --plot PNG   # redraw only
 """
 from __future__ import annotations
 
