@@ -74,21 +74,31 @@ def latest_speedups(lines: list[dict]) -> list[dict]:
 
 
 def plot(lines: list[dict], path: str) -> None:
-    """Speedup over greedy against tokens per target call, one point per sampler case."""
+    """Speedup over greedy against tokens per target call, one point per case: colour by
+    sampler, marker by task, filled at batch 1 and hollow at batch 4 (labels per point would
+    pile up in the crowd below 1x)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = latest_speedups(lines)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    samplers = sorted({x["case"].split(f"_{x['task']}_")[0] for x in points})
+    colours = dict(zip(samplers, plt.cm.tab20.colors * 2))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for x in points:
-        marker = "o" if x["batch"] == 1 else "s"
-        ax.scatter(x["tokens_per_target_call"], x["value"], marker=marker)
-        ax.annotate(x["case"], (x["tokens_per_target_call"], x["value"]), fontsize=7)
+        sampler = x["case"].split(f"_{x['task']}_")[0]
+        c = colours[sampler]
+        ax.scatter(x["tokens_per_target_call"], x["value"],
+                   marker="o" if x["task"] == "edit" else "^",
+                   facecolors=c if x["batch"] == 1 else "none", edgecolors=c)
+    for sampler in samplers:
+        ax.scatter([], [], color=colours[sampler], label=sampler)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("tokens per target call")
     ax.set_ylabel("speedup over greedy (wall clock)")
-    ax.set_title("SmolLM2-135M, CPU (o: batch 1, s: batch 4)")
+    ax.set_title("SmolLM2-135M, CPU (o edit, ^ next_line; filled batch 1, hollow batch 4)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -179,11 +189,12 @@ def sampler_cases(args, model, draft=None, with_head=None) -> dict[str, dict | s
         for name in ("speculative_greedy", "speculative", "fly", "fly_sample"):
             cases[name] = "no distilled draft (--draft_dir)"
     else:
-        spec = SpeculativeConfig(gamma=4)
-        cases["speculative_greedy"] = {"sampler": "speculative_greedy", "config": spec,
-                                       "draft_model": draft}
-        cases["speculative"] = {"sampler": "speculative", "config": spec,
-                                "draft_model": draft, "sampling": sample}
+        spec = SpeculativeConfig(gamma=args.spec_gamma)
+        suffix = "" if args.spec_gamma == 4 else f"_g{args.spec_gamma}"
+        cases["speculative_greedy" + suffix] = {"sampler": "speculative_greedy",
+                                                "config": spec, "draft_model": draft}
+        cases["speculative" + suffix] = {"sampler": "speculative", "config": spec,
+                                         "draft_model": draft, "sampling": sample}
         cases["fly"] = {"sampler": "fly", "config": FlyConfig(), "draft_model": draft}
         cases["fly_sample"] = {"sampler": "fly_sample", "config": FlyConfig(),
                                "draft_model": draft, "sampling": sample}
@@ -211,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jsonl", default=None, help="append the JSON lines to this file")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--samplers", default=None, help="subset of the cases' samplers")
+    parser.add_argument("--spec_gamma", type=int, default=4,
+                        help="draft length of speculative(_greedy); cases other than 4 are "
+                        "named speculative(_greedy)_gN")
     parser.add_argument("--quick", action="store_true",
                         help="4 prompts, batch 1, the edit task, one exit layer")
     parser.add_argument("--no_verify_cost", action="store_true")
