@@ -202,10 +202,13 @@ def sampler_cases(args, model, draft=None, with_head=None) -> dict[str, dict | s
         for name in ("specdecpp_greedy", "specdecpp"):
             cases[name] = "no acceptance head in DIR/acceptance_head of --draft_dir"
     else:
-        cases["specdecpp_greedy"] = {"sampler": "specdecpp_greedy",
-                                     "config": SpecDecPPConfig(), "draft_model": with_head}
-        cases["specdecpp"] = {"sampler": "specdecpp", "config": SpecDecPPConfig(),
-                              "draft_model": with_head, "sampling": sample}
+        for h in args.specdecpp_thresholds:
+            config = SpecDecPPConfig(threshold=h)
+            suffix = "" if h == SpecDecPPConfig.threshold else f"_h{h:g}"
+            cases["specdecpp_greedy" + suffix] = {"sampler": "specdecpp_greedy",
+                                                  "config": config, "draft_model": with_head}
+            cases["specdecpp" + suffix] = {"sampler": "specdecpp", "config": config,
+                                           "draft_model": with_head, "sampling": sample}
     return cases
 
 
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jsonl", default=None, help="append the JSON lines to this file")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--samplers", default=None, help="subset of the cases' samplers")
+    parser.add_argument("--specdecpp_thresholds", default="0.3",
+                        help="SpecDec++'s stop thresholds h to run; cases other than the "
+                        "default 0.3 are named specdecpp(_greedy)_hH")
     parser.add_argument("--spec_gamma", type=int, default=4,
                         help="draft length of speculative(_greedy); cases other than 4 are "
                         "named speculative(_greedy)_gN")
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tasks, args.batches, args.n, args.exit_layers = "edit", "1", 4, "8"
     args.exit_layers = [int(x) for x in args.exit_layers.split(",")]
+    args.specdecpp_thresholds = [float(h) for h in args.specdecpp_thresholds.split(",")]
     args.adapter_dirs = {int(k): v for k, v in (x.split(":", 1) for x in
                                                 args.adapter_dirs.split(",") if x)}
     args.exit_layers += [k for k in args.adapter_dirs if k not in args.exit_layers]

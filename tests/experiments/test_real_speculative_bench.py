@@ -55,3 +55,7 @@ def test_specdecpp_is_judged_against_the_best_fixed_gamma():
     speedups["specdecpp_greedy_edit_b1"]["value"] = 0.9  # +12.5% over the best fixed
     verdicts = {c.split(":")[0]: v for c, v, _ in page.verdicts(speedups, {})}
     assert verdicts["SpecDec++"] == "reproduced"
+    speedups["specdecpp_greedy_edit_b1"]["value"] = 0.7  # the best threshold is what counts
+    speedups["specdecpp_greedy_h0.9_edit_b1"] = case("specdecpp_greedy_h0.9_edit_b1", 0.9)
+    verdicts = {c.split(":")[0]: v for c, v, _ in page.verdicts(speedups, {})}
+    assert verdicts["SpecDec++"] == "reproduced"
