@@ -18,7 +18,8 @@ def hf_side(gguf: str, prompts, budget: int, stop_ids, exit_layer: int, repeats:
     takes one sequence): greedy, prompt lookup (prompt_lookup_num_tokens=10, our n-gram
     gamma), LayerSkip-style `assistant_early_exit` (its self-speculation, without an
     adapter) and, given draft_gguf, assisted generation with that draft; or the subset
-    `methods` of HF_METHODS (greedy always runs: it is their baseline). Yields (method, {seconds, tokens}), greedy first."""
+    `methods` of HF_METHODS (greedy always runs: it is their baseline). Yields
+    (method, {seconds, tokens}), greedy first."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -1,5 +1,6 @@
 """The real-model speculative bench's command line (experiments/bench/real_speculative.py)
-without the model: redrawing the plot from stored lines and rejecting bad arguments."""
+and its results page's verdicts (experiments/reproduce/speculative_real.py), without the
+model: redrawing the plot from stored lines, rejecting bad arguments, judging SpecDec++."""
 import json
 
 import pytest
