@@ -7,11 +7,12 @@ fixed-K drafting).
     python -m experiments.reproduce.speculative_real [--render_only]
         [--draft_dir workdirs/smollm2_draft] [--adapter_dir workdirs/smollm2_adapter_l4]
 
-Runs experiments/bench/real_speculative.py three times (as runs E, G and H of the page: batch
-1 with HF's side, batch 4, and a fixed gamma-2 control for SpecDec++), appending to
+Runs experiments/bench/real_speculative.py three times (as runs E, G and I of the page: batch
+1 with HF's side, batch 4, and a fixed gamma-2 control beside SpecDec++ at thresholds
+0.3-0.9), appending to
 docs/results/speculative_real_bench.jsonl; then writes docs/results/speculative_real.md and
 speculative_real_speedup.png from every line of that file, each case as last measured.
---render_only skips the runs (about 45 minutes of this CPU). The draft is distilled by the
+--render_only skips the runs (about 50 minutes of this CPU). The draft is distilled by the
 bench when missing; the adapter (240 steps at exit layer 4) and SpecDec++'s head (200 steps)
 are trained here when missing.
 """
