@@ -142,7 +142,13 @@ five rows against 5.1 ms for one, which is +7.3 ms of the +18.4 ms. The 30 block
 other +11 ms. Tried this session: splitting the head's vocabulary into 12, 48, 96 or 384
 chunks, so that each chunk's 5-row product stays in cache. It came out slower (16.6-21.1 ms
 for five rows) and was not kept. XLA:CPU runs these 5-row products as general matrix
-products, well below the throughput of its 1-row matrix-vector path. This is what the
+products, well below the throughput of its 1-row matrix-vector path. The same holds for the
+blocks' own weights: 30 products with 576 x 1536 matrices (SwiGLU's shape) take 7.7 ms at 5
+rows against 4.2 ms at 1, i.e. 1.84x (best of 7 interleaved rounds, exclusive lock). The
+transposed contraction (weights on the left, output [1536, 5]) is worse, 43.1 ms. So the whole
+model's 1.54 is already below what its weight products alone cost at 5 rows, because the
+attention and per-token work dilute the ratio; the rest of the gap to 1.5 is in XLA:CPU's
+small-M matrix product, not in code of ours. This is what the
 earlier variants below ran into too. On this CPU the ratio is not what decides the
 draft-model samplers: drafting cost and acceptance are. A draft with 0.42 agreement that costs
 a third of a target step loses even at a ratio of 1.
