@@ -146,8 +146,8 @@ products, well below the throughput of its 1-row matrix-vector path. The same ho
 blocks' own weights: 30 products with 576 x 1536 matrices (SwiGLU's shape) take 7.7 ms at 5
 rows against 4.2 ms at 1, i.e. 1.84x (best of 7 interleaved rounds, exclusive lock). The
 transposed contraction (weights on the left, output [1536, 5]) is worse, 43.1 ms. So the whole
-model's 1.54 is already below what its weight products alone cost at 5 rows, because the
-attention and per-token work dilute the ratio; the rest of the gap to 1.5 is in XLA:CPU's
+model's 1.54 is already below what its weight products alone cost at 5 rows, because work
+that does not grow with the token count (dispatch, reading the KV cache) dilutes it; the rest of the gap to 1.5 is in XLA:CPU's
 small-M matrix product, not in code of ours. This is what the
 earlier variants below ran into too. On this CPU the ratio is not what decides the
 draft-model samplers: drafting cost and acceptance are. A draft with 0.42 agreement that costs
