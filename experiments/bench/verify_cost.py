@@ -52,8 +52,9 @@ def model_config(name: str) -> TransformerConfig:
 @functools.partial(jax.jit, static_argnums=0)
 def _extend(graph, weights, tokens, cache):
     logits, cache = nnx.merge(graph, weights).extend(tokens, cache)
-    # A verification reads the logits of every drafted position: keep them all live, or XLA
-    # slices the output head down to the last row and the ratio leaves out its cost.
+    # A verification reads the logits of every drafted position: keep them all live. With
+    # only the last row returned, XLA may compute the head for that row alone (today's XLA:CPU
+    # still computes every row, but nothing promises it).
     return jnp.argmax(logits, -1), cache.lengths
 
 
