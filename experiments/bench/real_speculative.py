@@ -66,11 +66,20 @@ def emit(line: dict, lines: list[dict]) -> None:
     print(json.dumps(line), flush=True)
 
 
+def latest(lines: list[dict], metric: str) -> dict[str, dict]:
+    """case -> its last line of `metric`: a case measured again (a later run appended to the
+    same JSONL) counts as last measured."""
+    return {x["case"]: x for x in lines if x["metric"] == metric}
+
+
 def latest_speedups(lines: list[dict]) -> list[dict]:
-    """The measured speedup lines, one per case: a case measured again (a later run appended
-    to the same JSONL) counts as last measured."""
-    return list({x["case"]: x for x in lines
-                 if x["metric"] == "speedup" and x["value"] is not None}.values())
+    """The measured speedup lines, one per case, as last measured."""
+    return [x for x in latest(lines, "speedup").values() if x["value"] is not None]
+
+
+def sampler_of(line: dict) -> str:
+    """The sampler part of a case name `{sampler}_{task}_b{batch}`."""
+    return line["case"].split(f"_{line['task']}_")[0]
 
 
 def plot(lines: list[dict], path: str) -> None:
@@ -82,12 +91,11 @@ def plot(lines: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     points = latest_speedups(lines)
-    samplers = sorted({x["case"].split(f"_{x['task']}_")[0] for x in points})
+    samplers = sorted({sampler_of(x) for x in points})
     colours = dict(zip(samplers, plt.cm.tab20.colors * 2))
     fig, ax = plt.subplots(figsize=(8, 5))
     for x in points:
-        sampler = x["case"].split(f"_{x['task']}_")[0]
-        c = colours[sampler]
+        c = colours[sampler_of(x)]
         ax.scatter(x["tokens_per_target_call"], x["value"],
                    marker="o" if x["task"] == "edit" else "^",
                    facecolors=c if x["batch"] == 1 else "none", edgecolors=c)

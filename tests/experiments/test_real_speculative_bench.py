@@ -52,7 +52,8 @@ def test_specdecpp_is_judged_against_the_best_fixed_gamma():
                                         case("specdecpp_greedy_edit_b1", 0.7)]}
     verdicts = {c.split(":")[0]: v for c, v, _ in page.verdicts(speedups, {})}
     assert verdicts["SpecDec++"] == "contradicted"      # 0.7 < the gamma-2 draft's 0.8
-    assert verdicts["Leviathan et al."].startswith("reproduced for prompt lookup")
+    assert verdicts["Leviathan et al."] == ("reproduced for ngram, not at this scale for the "
+                                            "distilled draft")
     speedups["specdecpp_greedy_edit_b1"]["value"] = 0.9  # +12.5% over the best fixed
     verdicts = {c.split(":")[0]: v for c, v, _ in page.verdicts(speedups, {})}
     assert verdicts["SpecDec++"] == "reproduced"
